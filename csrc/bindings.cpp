@@ -1,0 +1,327 @@
+// pybind11 only: converts arguments, releases the GIL, calls down. No model logic here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+
+#include "cpu/isa.h"
+#include "generate/decoder.h"
+#include "generate/logits_process.h"
+#include "kernels/kernels.h"
+#include "model/gpt2.h"
+
+namespace py = pybind11;
+using namespace gptcpp;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using TokenArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+Activation parse_activation(const std::string& name) {
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast" || name == "gelu_accurate")
+    return Activation::gelu_tanh;
+  if (name == "gelu") return Activation::gelu_erf;
+  if (name == "quick_gelu") return Activation::quick_gelu;
+  if (name == "relu") return Activation::relu;
+  if (name == "silu" || name == "swish") return Activation::silu;
+  if (name == "tanh") return Activation::tanh;
+  if (name == "sigmoid") return Activation::sigmoid;
+  if (name == "linear") return Activation::linear;
+  throw std::invalid_argument("unsupported activation_function '" + name + "'");
+}
+
+// The model plus references to the numpy arrays (often memory-mapped) its raw pointers borrow.
+struct PyModel {
+  std::unique_ptr<GPT2Model> model;
+  std::vector<py::object> keep_alive;
+};
+
+const float* borrow(PyModel& m, const py::dict& tensors, const std::string& name, std::vector<int64_t> shape) {
+  if (!tensors.contains(name)) throw std::invalid_argument("missing tensor " + name);
+  py::array arr = py::reinterpret_borrow<py::array>(tensors[name.c_str()]);
+  if (!py::isinstance<py::array_t<float>>(arr) || !(arr.flags() & py::array::c_style))
+    throw std::invalid_argument("tensor " + name + " must be a C-contiguous float32 array");
+  if (arr.ndim() != static_cast<py::ssize_t>(shape.size()))
+    throw std::invalid_argument("tensor " + name + " has the wrong number of dimensions");
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (arr.shape(i) != shape[i]) throw std::invalid_argument("tensor " + name + " has the wrong shape");
+  m.keep_alive.push_back(arr);
+  return static_cast<const float*>(arr.data());
+}
+
+GPT2Config config_from(const py::dict& d) {
+  GPT2Config c;
+  c.vocab_size = d["vocab_size"].cast<int>();
+  c.n_positions = d["n_positions"].cast<int>();
+  c.n_embd = d["n_embd"].cast<int>();
+  c.n_layer = d["n_layer"].cast<int>();
+  c.n_head = d["n_head"].cast<int>();
+  c.n_inner = d["n_inner"].cast<int>();
+  c.layer_norm_epsilon = d["layer_norm_epsilon"].cast<float>();
+  c.activation = parse_activation(d["activation_function"].cast<std::string>());
+  c.scale_attn_weights = d["scale_attn_weights"].cast<bool>();
+  c.scale_attn_by_inverse_layer_idx = d["scale_attn_by_inverse_layer_idx"].cast<bool>();
+  return c;
+}
+
+std::shared_ptr<PyModel> make_model(const py::dict& config, const py::dict& tensors) {
+  auto m = std::make_shared<PyModel>();
+  GPT2Config c = config_from(config);
+  const int64_t C = c.n_embd, I = c.n_inner, V = c.vocab_size;
+  GPT2Weights w;
+  w.wte = borrow(*m, tensors, "wte.weight", {V, C});
+  w.wpe = borrow(*m, tensors, "wpe.weight", {c.n_positions, C});
+  for (int l = 0; l < c.n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    LayerWeights lw;
+    lw.ln_1_weight = borrow(*m, tensors, p + "ln_1.weight", {C});
+    lw.ln_1_bias = borrow(*m, tensors, p + "ln_1.bias", {C});
+    lw.attn_weight = borrow(*m, tensors, p + "attn.c_attn.weight", {C, 3 * C});
+    lw.attn_bias = borrow(*m, tensors, p + "attn.c_attn.bias", {3 * C});
+    lw.attn_proj_weight = borrow(*m, tensors, p + "attn.c_proj.weight", {C, C});
+    lw.attn_proj_bias = borrow(*m, tensors, p + "attn.c_proj.bias", {C});
+    lw.ln_2_weight = borrow(*m, tensors, p + "ln_2.weight", {C});
+    lw.ln_2_bias = borrow(*m, tensors, p + "ln_2.bias", {C});
+    lw.fc_weight = borrow(*m, tensors, p + "mlp.c_fc.weight", {C, I});
+    lw.fc_bias = borrow(*m, tensors, p + "mlp.c_fc.bias", {I});
+    lw.mlp_proj_weight = borrow(*m, tensors, p + "mlp.c_proj.weight", {I, C});
+    lw.mlp_proj_bias = borrow(*m, tensors, p + "mlp.c_proj.bias", {C});
+    w.layers.push_back(lw);
+  }
+  w.ln_f_weight = borrow(*m, tensors, "ln_f.weight", {C});
+  w.ln_f_bias = borrow(*m, tensors, "ln_f.bias", {C});
+  w.lm_head = tensors.contains("lm_head.weight") ? borrow(*m, tensors, "lm_head.weight", {V, C}) : w.wte;
+  m->model = std::make_unique<GPT2Model>(c, w);
+  return m;
+}
+
+SamplingOptions options_from(const py::dict& d) {
+  SamplingOptions o;
+  for (auto item : d) {
+    const std::string k = item.first.cast<std::string>();
+    py::handle v = item.second;
+    if (k == "do_sample") o.do_sample = v.cast<bool>();
+    else if (k == "temperature") o.temperature = v.cast<float>();
+    else if (k == "top_k") o.top_k = v.cast<int>();
+    else if (k == "top_p") o.top_p = v.cast<float>();
+    else if (k == "min_p") o.min_p = v.cast<float>();
+    else if (k == "typical_p") o.typical_p = v.cast<float>();
+    else if (k == "repetition_penalty") o.repetition_penalty = v.cast<float>();
+    else if (k == "presence_penalty") o.presence_penalty = v.cast<float>();
+    else if (k == "frequency_penalty") o.frequency_penalty = v.cast<float>();
+    else if (k == "no_repeat_ngram_size") o.no_repeat_ngram_size = v.cast<int>();
+    else if (k == "bad_words_ids") o.bad_words_ids = v.cast<std::vector<std::vector<int32_t>>>();
+    else if (k == "logit_bias") o.logit_bias = v.cast<std::vector<std::pair<int32_t, float>>>();
+    else if (k == "min_new_tokens") o.min_new_tokens = v.cast<int>();
+    else if (k == "eos_token_ids") o.eos_token_ids = v.cast<std::vector<int32_t>>();
+    else if (k == "seed") o.seed = v.cast<uint64_t>();
+    else if (k == "min_tokens_to_keep") o.min_tokens_to_keep = v.cast<int>();
+    else throw std::invalid_argument("unknown sampling option '" + k + "'");
+  }
+  return o;
+}
+
+py::object finish_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::length: return py::str("length");
+    case FinishReason::stop: return py::str("stop");
+    case FinishReason::eos: return py::str("eos");
+    default: return py::none();
+  }
+}
+
+struct PyDecoder {
+  std::shared_ptr<PyModel> model;  // keeps the weights alive as long as the decoder
+  Decoder decoder;
+  explicit PyDecoder(std::shared_ptr<PyModel> m) : model(std::move(m)), decoder(*model->model) {}
+};
+
+float* mutable_data(FloatArray& a) { return a.mutable_data(); }
+
+template <class F>
+void with_isa(const std::string& isa, F&& f) {
+  const KernelTable& k = kernels_for(parse_isa(isa));
+  bool ok = false;
+  for (Isa i : supported_isas()) ok |= i == k.isa;
+  if (!ok) throw std::runtime_error("this CPU cannot run the " + isa + " kernels");
+  f(k);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "gptcpp C++ core";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::length_error& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def("cpu_info", []() {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["brand"] = f.brand;
+    py::dict feats;
+    feats["avx2"] = f.avx2; feats["fma"] = f.fma; feats["f16c"] = f.f16c; feats["avx512f"] = f.avx512f;
+    feats["avx512bw"] = f.avx512bw; feats["avx512vl"] = f.avx512vl; feats["avx512dq"] = f.avx512dq;
+    feats["avx512_vnni"] = f.avx512_vnni; feats["avx512_bf16"] = f.avx512_bf16; feats["avx_vnni"] = f.avx_vnni;
+    d["features"] = feats;
+    py::list sup;
+    for (Isa i : supported_isas()) sup.append(isa_name(i));
+    d["supported_isas"] = sup;
+    d["isa"] = isa_name(selected_isa());
+    return d;
+  });
+  m.def("isa", []() { return std::string(isa_name(selected_isa())); }, "the instruction set level in use");
+  m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); });
+  m.def("all_isas", []() { return std::vector<std::string>{"generic", "avx2", "avx512"}; });
+
+  py::class_<KVCache, std::shared_ptr<KVCache>>(m, "KVCache")
+      .def_property_readonly("length", &KVCache::length)
+      .def_property_readonly("capacity", &KVCache::capacity)
+      .def("truncate", &KVCache::truncate);
+
+  py::class_<PyModel, std::shared_ptr<PyModel>>(m, "Model")
+      .def(py::init(&make_model), py::arg("config"), py::arg("tensors"))
+      .def_property("threads", [](const PyModel& p) { return p.model->threads(); },
+                    [](PyModel& p, int n) { p.model->set_threads(n); })
+      .def("new_cache", [](PyModel& p, int capacity) { return std::make_shared<KVCache>(p.model->config(), capacity); })
+      .def(
+          "forward",
+          [](PyModel& p, std::vector<std::shared_ptr<KVCache>> caches, std::vector<TokenArray> tokens, bool all_logits,
+             bool hidden) {
+            if (caches.size() != tokens.size()) throw std::invalid_argument("one token array per cache");
+            std::vector<ForwardItem> items;
+            for (size_t i = 0; i < caches.size(); ++i)
+              items.push_back({caches[i].get(), tokens[i].data(), static_cast<int>(tokens[i].size()), all_logits});
+            const int64_t rows = GPT2Model::logit_rows(items);
+            const auto& c = p.model->config();
+            FloatArray logits({rows, static_cast<int64_t>(c.vocab_size)});
+            FloatArray hid = hidden ? FloatArray({rows, static_cast<int64_t>(c.n_embd)}) : FloatArray();
+            float* lp = mutable_data(logits);
+            float* hp = hidden ? mutable_data(hid) : nullptr;
+            {
+              py::gil_scoped_release release;
+              p.model->forward(items, lp, hp);
+            }
+            py::object h = hidden ? py::object(hid) : py::object(py::none());
+            return py::make_tuple(logits, h);
+          },
+          py::arg("caches"), py::arg("tokens"), py::arg("all_logits") = true, py::arg("hidden") = false);
+
+  py::class_<PyDecoder>(m, "Decoder")
+      .def(py::init<std::shared_ptr<PyModel>>())
+      .def("add",
+           [](PyDecoder& d, std::vector<int32_t> prompt, const py::dict& options, int max_new_tokens, int logprobs,
+              uint64_t stream) {
+             return d.decoder.add(std::move(prompt), options_from(options), max_new_tokens, logprobs, stream);
+           },
+           py::arg("prompt"), py::arg("options"), py::arg("max_new_tokens"), py::arg("logprobs") = -1,
+           py::arg("stream") = 0)
+      .def("step",
+           [](PyDecoder& d) {
+             std::vector<StepOutput> out;
+             {
+               py::gil_scoped_release release;
+               out = d.decoder.step();
+             }
+             py::list res;
+             for (const auto& o : out) {
+               py::object lp = py::none();
+               if (o.has_logprobs) lp = py::make_tuple(o.logprobs.logprob, o.logprobs.top);
+               res.append(py::make_tuple(o.id, o.token, finish_name(o.finish), lp));
+             }
+             return res;
+           })
+      .def("cancel", [](PyDecoder& d, int64_t id) { d.decoder.cancel(id); })
+      .def_property_readonly("live", [](const PyDecoder& d) { return d.decoder.live(); });
+
+  m.def(
+      "beam_search",
+      [](std::shared_ptr<PyModel> p, std::vector<int32_t> prompt, const py::dict& options, int num_beams,
+         int max_new_tokens, float length_penalty, int early_stopping, int num_return) {
+        SamplingOptions o = options_from(options);
+        std::vector<BeamHypothesis> hyps;
+        {
+          py::gil_scoped_release release;
+          hyps = beam_search(*p->model, prompt, o, num_beams, max_new_tokens, length_penalty,
+                             static_cast<EarlyStopping>(early_stopping), num_return);
+        }
+        py::list res;
+        for (auto& h : hyps) res.append(py::make_tuple(h.tokens, h.score));
+        return res;
+      },
+      py::arg("model"), py::arg("prompt"), py::arg("options"), py::arg("num_beams"), py::arg("max_new_tokens"),
+      py::arg("length_penalty") = 1.0f, py::arg("early_stopping") = 0, py::arg("num_return") = 1);
+
+  // Logits processing on a single row, for tests against transformers' processors.
+  m.def("process_logits",
+        [](FloatArray logits, std::vector<int32_t> tokens, int n_prompt, const py::dict& options, bool warp) {
+          FloatArray out(logits.size());
+          std::memcpy(out.mutable_data(), logits.data(), sizeof(float) * logits.size());
+          SamplingOptions o = options_from(options);
+          const int V = static_cast<int>(logits.size());
+          apply_penalties(out.mutable_data(), V, tokens.data(), static_cast<int>(tokens.size()), n_prompt, o);
+          if (warp) apply_warpers(out.mutable_data(), V, o);
+          return out;
+        });
+  m.def("sample_token", [](FloatArray logits, double u) {
+    return sample_token(logits.data(), static_cast<int>(logits.size()), u);
+  });
+  m.def("uniform", &uniform);
+
+  // Kernel entry points for tests: each runs one kernel of the named instruction-set level.
+  py::module_ k = m.def_submodule("kernels", "single kernels by instruction-set level, for tests");
+  k.def("matmul", [](const std::string& isa, FloatArray inp, FloatArray weight, py::object bias, FloatArray out,
+                     bool accumulate) {
+    const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(weight.shape(1));
+    if (weight.shape(0) != K || out.shape(0) != M || out.shape(1) != N) throw std::invalid_argument("shape mismatch");
+    FloatArray b = bias.is_none() ? FloatArray() : bias.cast<FloatArray>();
+    FloatArray o(out);
+    with_isa(isa, [&](const KernelTable& t) {
+      t.matmul_forward(o.mutable_data(), inp.data(), weight.data(), bias.is_none() ? nullptr : b.data(), M, K, N, K, N,
+                       accumulate);
+    });
+    return o;
+  });
+  k.def("matmul_nt", [](const std::string& isa, FloatArray inp, FloatArray weight) {
+    const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(weight.shape(0));
+    if (weight.shape(1) != K) throw std::invalid_argument("shape mismatch");
+    FloatArray o({M, N});
+    with_isa(isa, [&](const KernelTable& t) { t.matmul_nt_forward(o.mutable_data(), inp.data(), weight.data(), M, K, N, N); });
+    return o;
+  });
+  k.def("layernorm", [](const std::string& isa, FloatArray inp, FloatArray w, FloatArray b, float eps) {
+    const int M = static_cast<int>(inp.shape(0)), C = static_cast<int>(inp.shape(1));
+    FloatArray o({M, C});
+    with_isa(isa, [&](const KernelTable& t) { t.layernorm_forward(o.mutable_data(), inp.data(), w.data(), b.data(), M, C, eps); });
+    return o;
+  });
+  k.def("activation", [](const std::string& isa, FloatArray x, const std::string& act) {
+    FloatArray o(x.size());
+    std::memcpy(o.mutable_data(), x.data(), sizeof(float) * x.size());
+    with_isa(isa, [&](const KernelTable& t) { t.activation_forward(o.mutable_data(), x.size(), parse_activation(act)); });
+    return o;
+  });
+  k.def("attention", [](const std::string& isa, FloatArray q, FloatArray kk, FloatArray v, int pos0, float scale) {
+    // q [T, hd]; k, v [pos0 + T, hd]
+    const int T = static_cast<int>(q.shape(0)), hd = static_cast<int>(q.shape(1));
+    if (kk.shape(0) != pos0 + T || v.shape(0) != pos0 + T) throw std::invalid_argument("k/v must have pos0 + T rows");
+    FloatArray o({T, hd});
+    with_isa(isa, [&](const KernelTable& t) {
+      t.attention_forward(o.mutable_data(), q.data(), kk.data(), v.data(), T, pos0, hd, hd, hd, scale);
+    });
+    return o;
+  });
+  k.def("logsumexp", [](const std::string& isa, FloatArray x) {
+    float mx = 0, lse = 0;
+    with_isa(isa, [&](const KernelTable& t) { t.logsumexp(x.data(), static_cast<int>(x.size()), &mx, &lse); });
+    return py::make_tuple(mx, lse);
+  });
+}

@@ -1,0 +1,132 @@
+#include "cpu/isa.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#define GPTCPP_X86 1
+#endif
+
+namespace gptcpp {
+
+namespace {
+
+#ifdef GPTCPP_X86
+unsigned long long read_xcr0() {
+  unsigned int eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<unsigned long long>(edx) << 32) | eax;
+}
+#endif
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#ifdef GPTCPP_X86
+  unsigned int a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27);
+  const bool cpu_fma = c & (1u << 12), cpu_f16c = c & (1u << 29), cpu_avx = c & (1u << 28);
+  unsigned long long xcr0 = osxsave ? read_xcr0() : 0;
+  const bool ymm_state = (xcr0 & 0x6) == 0x6;             // SSE + AVX state saved by the OS
+  const bool zmm_state = (xcr0 & 0xe6) == 0xe6;           // plus opmask and both ZMM halves
+  unsigned int max_leaf = __get_cpuid_max(0, nullptr);
+  if (max_leaf >= 7) {
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool avx_ok = cpu_avx && ymm_state;
+    f.avx2 = avx_ok && (b & (1u << 5));
+    f.fma = avx_ok && cpu_fma;
+    f.f16c = avx_ok && cpu_f16c;
+    f.avx512f = zmm_state && (b & (1u << 16));
+    f.avx512dq = f.avx512f && (b & (1u << 17));
+    f.avx512bw = f.avx512f && (b & (1u << 30));
+    f.avx512vl = f.avx512f && (b & (1u << 31));
+    f.avx512_vnni = f.avx512f && (c & (1u << 11));
+    unsigned int a1, b1, c1, d1;
+    __cpuid_count(7, 1, a1, b1, c1, d1);
+    f.avx_vnni = avx_ok && (a1 & (1u << 4));
+    f.avx512_bf16 = f.avx512f && (a1 & (1u << 5));
+  }
+  char brand[49] = {0};
+  if (__get_cpuid_max(0x80000000, nullptr) >= 0x80000004) {
+    for (unsigned int i = 0; i < 3; ++i) {
+      __cpuid(0x80000002 + i, a, b, c, d);
+      std::memcpy(brand + 16 * i, &a, 4); std::memcpy(brand + 16 * i + 4, &b, 4);
+      std::memcpy(brand + 16 * i + 8, &c, 4); std::memcpy(brand + 16 * i + 12, &d, 4);
+    }
+  }
+  f.brand = brand;
+  while (!f.brand.empty() && f.brand.back() == ' ') f.brand.pop_back();
+#endif
+  return f;
+}
+
+bool supports(const CpuFeatures& f, Isa isa) {
+  switch (isa) {
+    case Isa::generic: return true;
+    case Isa::avx2: return f.avx2 && f.fma && f.f16c;
+    case Isa::avx512: return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+  }
+  return false;
+}
+
+Isa best_isa() {
+  Isa best = Isa::generic;
+  for (Isa i : supported_isas()) best = i;
+  return best;
+}
+
+Isa initial_isa() {
+  const char* env = std::getenv("GPTCPP_ISA");
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best_isa();
+  Isa want = parse_isa(env);
+  if (!supports(cpu_features(), want))
+    throw std::runtime_error(std::string("GPTCPP_ISA=") + env + " asks for an instruction set this CPU lacks");
+  return want;
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> isa{static_cast<int>(initial_isa())};
+  return isa;
+}
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::generic: return "generic";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "?";
+}
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> out;
+  for (Isa i : {Isa::generic, Isa::avx2, Isa::avx512})
+    if (supports(cpu_features(), i)) out.push_back(i);
+  return out;
+}
+
+Isa parse_isa(const std::string& name) {
+  for (Isa i : {Isa::generic, Isa::avx2, Isa::avx512})
+    if (name == isa_name(i)) return i;
+  throw std::invalid_argument("unknown instruction set level '" + name + "' (known: generic, avx2, avx512)");
+}
+
+Isa selected_isa() { return static_cast<Isa>(current().load()); }
+
+void set_isa(Isa isa) {
+  if (!supports(cpu_features(), isa))
+    throw std::runtime_error(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
+  current().store(static_cast<int>(isa));
+}
+
+}  // namespace gptcpp

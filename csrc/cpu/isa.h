@@ -1,0 +1,31 @@
+// Instruction-set levels and the one dispatch point. Detection reads cpuid and xgetbv (the OS must have
+// enabled the register state, not only the CPU support it); GPTCPP_ISA can force a lower level.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace gptcpp {
+
+// Ordered: each level implies the ones before it.
+enum class Isa { generic = 0, avx2 = 1, avx512 = 2 };
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_vnni = false, avx512_bf16 = false, avx_vnni = false;
+  std::string brand;
+};
+
+const CpuFeatures& cpu_features();
+const char* isa_name(Isa isa);
+// Levels this CPU (and OS) can run, lowest first.
+std::vector<Isa> supported_isas();
+// Parses a level name; throws std::invalid_argument naming the value for an unknown one.
+Isa parse_isa(const std::string& name);
+// The level chosen at start-up: GPTCPP_ISA if set (refused with std::runtime_error when the CPU lacks it),
+// otherwise the best supported.
+Isa selected_isa();
+// Changes the level used from now on (tests); refuses a level the CPU lacks.
+void set_isa(Isa isa);
+
+}  // namespace gptcpp

@@ -1,0 +1,55 @@
+// 8 floats in a YMM register (AVX2 + FMA).
+#pragma once
+#ifndef GPTCPP_ISA_NS
+#error "define GPTCPP_ISA_NS (the per-ISA namespace) before including a vec header"
+#endif
+#include <immintrin.h>
+
+namespace gptcpp {
+namespace GPTCPP_ISA_NS {
+
+struct Vec {
+  static constexpr int width = 8;
+  using reg = __m256;
+  static inline reg zero() { return _mm256_setzero_ps(); }
+  static inline reg set1(float x) { return _mm256_set1_ps(x); }
+  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
+  static inline __m256i tail_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline reg load_partial(const float* p, int n) { return _mm256_maskload_ps(p, tail_mask(n)); }
+  static inline void store_partial(float* p, reg a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a); }
+  static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static inline reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static inline reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline reg round(reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline reg pow2(reg n) {
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+  static inline reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static inline reg copysign(reg a, reg s) {
+    const reg sign = _mm256_set1_ps(-0.0f);
+    return _mm256_or_ps(_mm256_andnot_ps(sign, a), _mm256_and_ps(sign, s));
+  }
+  static inline float reduce_add(reg a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // (0+4, 1+5, 2+6, 3+7)
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                          // (0+2, 1+3)
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+  static inline float reduce_max(reg a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+}  // namespace GPTCPP_ISA_NS
+}  // namespace gptcpp

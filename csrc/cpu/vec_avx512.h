@@ -1,0 +1,50 @@
+// 16 floats in a ZMM register (AVX-512 F/BW/VL/DQ); tails use mask registers.
+#pragma once
+#ifndef GPTCPP_ISA_NS
+#error "define GPTCPP_ISA_NS (the per-ISA namespace) before including a vec header"
+#endif
+#include <immintrin.h>
+
+namespace gptcpp {
+namespace GPTCPP_ISA_NS {
+
+struct Vec {
+  static constexpr int width = 16;
+  using reg = __m512;
+  static inline reg zero() { return _mm512_setzero_ps(); }
+  static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, reg a) { _mm512_storeu_ps(p, a); }
+  static inline __mmask16 tail_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static inline reg load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
+  static inline void store_partial(float* p, reg a, int n) { _mm512_mask_storeu_ps(p, tail_mask(n), a); }
+  static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static inline reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static inline reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static inline reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
+  static inline reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline reg round(reg a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline reg pow2(reg n) {
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
+  static inline reg abs(reg a) { return _mm512_abs_ps(a); }
+  static inline reg copysign(reg a, reg s) {
+    const __m512i sign = _mm512_set1_epi32(0x80000000);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(sign, _mm512_castps_si512(a)),
+                                               _mm512_and_si512(sign, _mm512_castps_si512(s))));
+  }
+  static inline float reduce_add(reg a) {
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+  static inline float reduce_max(reg a) { return _mm512_reduce_max_ps(a); }
+};
+
+}  // namespace GPTCPP_ISA_NS
+}  // namespace gptcpp

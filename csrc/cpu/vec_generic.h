@@ -1,0 +1,50 @@
+// Portable vector of 8 floats: the same shape as the AVX2 register so every kernel compiles unchanged.
+// Plain loops that any compiler for baseline x86-64 (or any other target) turns into what it can.
+#pragma once
+#ifndef GPTCPP_ISA_NS
+#error "define GPTCPP_ISA_NS (the per-ISA namespace) before including a vec header"
+#endif
+#include <cmath>
+
+namespace gptcpp {
+namespace GPTCPP_ISA_NS {
+
+struct Vec {
+  static constexpr int width = 8;
+  struct reg { float v[8]; };
+  static inline reg zero() { reg r; for (int i = 0; i < 8; ++i) r.v[i] = 0.f; return r; }
+  static inline reg set1(float x) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = x; return r; }
+  static inline reg load(const float* p) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = p[i]; return r; }
+  static inline void store(float* p, reg a) { for (int i = 0; i < 8; ++i) p[i] = a.v[i]; }
+  static inline reg load_partial(const float* p, int n) {
+    reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = p[i]; return r;
+  }
+  static inline void store_partial(float* p, reg a, int n) { for (int i = 0; i < n; ++i) p[i] = a.v[i]; }
+#define GPTCPP_VEC_BINOP(name, expr) \
+  static inline reg name(reg a, reg b) { reg r; for (int i = 0; i < 8; ++i) { float x = a.v[i], y = b.v[i]; r.v[i] = (expr); } return r; }
+  GPTCPP_VEC_BINOP(add, x + y)
+  GPTCPP_VEC_BINOP(sub, x - y)
+  GPTCPP_VEC_BINOP(mul, x * y)
+  GPTCPP_VEC_BINOP(div, x / y)
+  GPTCPP_VEC_BINOP(max, x > y ? x : y)
+  GPTCPP_VEC_BINOP(min, x < y ? x : y)
+#undef GPTCPP_VEC_BINOP
+  // a*b + c, rounded twice (this translation unit is built with -ffp-contract=off so it stays that way).
+  static inline reg fma(reg a, reg b, reg c) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i]; return r; }
+  static inline reg round(reg a) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = std::nearbyint(a.v[i]); return r; }
+  // 2^n for integral n in [-126, 127].
+  static inline reg pow2(reg n) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = std::ldexp(1.0f, static_cast<int>(n.v[i])); return r; }
+  static inline reg abs(reg a) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = std::fabs(a.v[i]); return r; }
+  // Copies the sign of s onto the magnitude of a.
+  static inline reg copysign(reg a, reg s) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = std::copysign(a.v[i], s.v[i]); return r; }
+  // Fixed pairwise order, the same as the SIMD versions: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1.
+  static inline float reduce_add(reg a) {
+    float s0 = a.v[0] + a.v[4], s1 = a.v[1] + a.v[5], s2 = a.v[2] + a.v[6], s3 = a.v[3] + a.v[7];
+    float t0 = s0 + s2, t1 = s1 + s3;
+    return t0 + t1;
+  }
+  static inline float reduce_max(reg a) { float m = a.v[0]; for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m; return m; }
+};
+
+}  // namespace GPTCPP_ISA_NS
+}  // namespace gptcpp

@@ -1,0 +1,46 @@
+// The one dispatch point: maps the selected instruction-set level to its kernel table.
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+
+#include "kernels/kernels.h"
+
+namespace gptcpp {
+
+extern const KernelTable generic_kernels;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const KernelTable avx2_kernels;
+extern const KernelTable avx512_kernels;
+#endif
+
+const KernelTable& kernels_for(Isa isa) {
+  switch (isa) {
+    case Isa::generic: return generic_kernels;
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx2: return avx2_kernels;
+    case Isa::avx512: return avx512_kernels;
+#endif
+    default: break;
+  }
+  throw std::runtime_error(std::string("no kernels were built for ") + isa_name(isa));
+}
+
+const KernelTable& kernels() { return kernels_for(selected_isa()); }
+
+float* scratch_floats(int64_t n) {
+  struct Buffer {
+    float* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buf;
+  if (buf.size < n) {
+    std::free(buf.data);
+    buf.data = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
+    if (!buf.data) throw std::bad_alloc();
+    buf.size = n;
+  }
+  return buf.data;
+}
+
+}  // namespace gptcpp

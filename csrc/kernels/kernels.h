@@ -1,0 +1,46 @@
+// The kernel table: one set of function pointers per instruction-set level, each compiled from the same
+// ISA-neutral sources (matmul.inl, norms.inl, attention.inl, sampling.inl) against that level's Vec.
+// All matrices are row-major float32. No kernel splits a reduction across threads or changes its
+// summation order with M or the thread count, so a row's result never depends on what it is batched with.
+#pragma once
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+namespace gptcpp {
+
+enum class Activation { gelu_tanh, gelu_erf, quick_gelu, relu, silu, tanh, sigmoid, linear };
+
+struct KernelTable {
+  Isa isa;
+  // out[M,N] = inp[M,K] @ weight[K,N] + bias[N]  (bias may be null); when accumulate, out += that instead.
+  // weight is the Hugging Face Conv1D layout [in, out]; ldi / ldo are the row strides of inp / out.
+  void (*matmul_forward)(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
+                         int ldi, int ldo, bool accumulate);
+  // out[M,N] = inp[M,K] @ weight[N,K]^T: the LM head over the (tied) token embedding table [vocab, n_embd].
+  void (*matmul_nt_forward)(float* out, const float* inp, const float* weight, int M, int K, int N, int ldo);
+  // out[M,C] = (inp - mean) / sqrt(var + eps) * weight + bias, per row. out may equal inp.
+  void (*layernorm_forward)(float* out, const float* inp, const float* weight, const float* bias, int M, int C,
+                            float eps);
+  // In place, n contiguous values.
+  void (*activation_forward)(float* x, int64_t n, Activation act);
+  // One attention head of one sequence, for T new query rows whose first row sits at position pos0:
+  // out[t, :hd] = softmax(scale * q[t] . k[0..pos0+t]) @ v[0..pos0+t]. q and out rows are ld_q / ld_out
+  // apart; k and v are this head's cache rows, hd floats each, contiguous.
+  void (*attention_forward)(float* out, const float* q, const float* k, const float* v, int T, int pos0, int hd,
+                            int ld_q, int ld_out, float scale);
+  // max and log(sum(exp(x - max))) of n values: the log-softmax normaliser of a logits row.
+  void (*logsumexp)(const float* x, int n, float* max_out, float* lse_out);
+};
+
+const KernelTable& kernels_for(Isa isa);
+// The table of the currently selected level (selected_isa()).
+const KernelTable& kernels();
+
+}  // namespace gptcpp
+
+namespace gptcpp {
+// A per-thread scratch buffer of at least n floats, valid until the same thread asks again. Defined in
+// portable code so that no ISA-specific copy of a standard-library template can leak into the others.
+float* scratch_floats(int64_t n);
+}  // namespace gptcpp

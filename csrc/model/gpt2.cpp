@@ -1,0 +1,151 @@
+#include "model/gpt2.h"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace gptcpp {
+
+KVCache::KVCache(const GPT2Config& config, int capacity)
+    : n_layer_(config.n_layer), n_head_(config.n_head), head_dim_(config.head_dim()), capacity_(capacity) {
+  if (capacity <= 0 || capacity > config.n_positions)
+    throw std::length_error("KV cache capacity " + std::to_string(capacity) + " is outside 1.." +
+                            std::to_string(config.n_positions) + " (n_positions)");
+  const int64_t n = static_cast<int64_t>(n_layer_) * n_head_ * capacity_ * head_dim_;
+  k_.reset(new float[n]);
+  v_.reset(new float[n]);
+}
+
+void KVCache::truncate(int n) {
+  if (n < 0 || n > length_) throw std::out_of_range("cannot truncate a KV cache of length " +
+                                                    std::to_string(length_) + " to " + std::to_string(n));
+  length_ = n;
+}
+
+void KVCache::copy_prefix_from(const KVCache& other, int n) {
+  if (other.n_layer_ != n_layer_ || other.n_head_ != n_head_ || other.head_dim_ != head_dim_)
+    throw std::invalid_argument("KV caches of different models");
+  if (n > other.length_ || n > capacity_) throw std::length_error("prefix longer than the cache");
+  for (int l = 0; l < n_layer_; ++l)
+    for (int h = 0; h < n_head_; ++h) {
+      std::memcpy(keys(l, h), other.keys(l, h), sizeof(float) * n * head_dim_);
+      std::memcpy(values(l, h), other.values(l, h), sizeof(float) * n * head_dim_);
+    }
+  length_ = n;
+}
+
+GPT2Model::GPT2Model(const GPT2Config& config, const GPT2Weights& weights) : config_(config), weights_(weights) {
+  if (config.n_embd % config.n_head != 0)
+    throw std::invalid_argument("n_embd must be divisible by n_head");
+  if (static_cast<int>(weights.layers.size()) != config.n_layer)
+    throw std::invalid_argument("weights have a different number of layers than n_layer");
+}
+
+int64_t GPT2Model::logit_rows(const std::vector<ForwardItem>& items) {
+  int64_t rows = 0;
+  for (const auto& it : items) rows += it.all_logits ? it.n_tokens : 1;
+  return rows;
+}
+
+void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, float* hidden) const {
+  const GPT2Config& c = config_;
+  const int C = c.n_embd, H = c.n_head, hd = c.head_dim(), I = c.n_inner, V = c.vocab_size;
+  int M = 0;
+  for (const auto& it : items) {
+    if (it.n_tokens <= 0) throw std::invalid_argument("a sequence in the batch has no new tokens");
+    const int end = it.cache->length() + it.n_tokens;
+    if (end > c.n_positions)
+      throw std::length_error("sequence of " + std::to_string(end) + " tokens exceeds n_positions (" +
+                              std::to_string(c.n_positions) + ")");
+    if (end > it.cache->capacity())
+      throw std::length_error("sequence of " + std::to_string(end) + " tokens exceeds its KV cache capacity (" +
+                              std::to_string(it.cache->capacity()) + ")");
+    for (int t = 0; t < it.n_tokens; ++t)
+      if (it.tokens[t] < 0 || it.tokens[t] >= V)
+        throw std::invalid_argument("token id " + std::to_string(it.tokens[t]) + " is outside the vocabulary (0.." +
+                                    std::to_string(V - 1) + ")");
+    M += it.n_tokens;
+  }
+  if (M == 0) return;
+#ifdef _OPENMP
+  if (threads_ > 0) omp_set_num_threads(threads_);
+#endif
+  const KernelTable& K = kernels();
+
+  std::vector<float> x(static_cast<size_t>(M) * C), ln(static_cast<size_t>(M) * C), qkv(static_cast<size_t>(M) * 3 * C),
+      att(static_cast<size_t>(M) * C), fc(static_cast<size_t>(M) * I);
+  // Row r of the batch belongs to item row_item[r] at position row_pos[r].
+  std::vector<int> item_row0(items.size());
+  {
+    int r = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      item_row0[i] = r;
+      const auto& it = items[i];
+      for (int t = 0; t < it.n_tokens; ++t, ++r) {
+        const float* te = weights_.wte + static_cast<int64_t>(it.tokens[t]) * C;
+        const float* pe = weights_.wpe + static_cast<int64_t>(it.cache->length() + t) * C;
+        float* xr = x.data() + static_cast<int64_t>(r) * C;
+        for (int j = 0; j < C; ++j) xr[j] = te[j] + pe[j];
+      }
+    }
+  }
+  const int n_units = static_cast<int>(items.size()) * H;
+  for (int l = 0; l < c.n_layer; ++l) {
+    const LayerWeights& w = weights_.layers[l];
+    K.layernorm_forward(ln.data(), x.data(), w.ln_1_weight, w.ln_1_bias, M, C, c.layer_norm_epsilon);
+    K.matmul_forward(qkv.data(), ln.data(), w.attn_weight, w.attn_bias, M, C, 3 * C, C, 3 * C, false);
+    // Append this layer's new keys and values to each sequence's cache.
+    for (size_t i = 0; i < items.size(); ++i) {
+      const auto& it = items[i];
+      for (int t = 0; t < it.n_tokens; ++t) {
+        const float* row = qkv.data() + static_cast<int64_t>(item_row0[i] + t) * 3 * C;
+        const int pos = it.cache->length() + t;
+        for (int h = 0; h < H; ++h) {
+          std::memcpy(it.cache->keys(l, h) + static_cast<int64_t>(pos) * hd, row + C + h * hd, sizeof(float) * hd);
+          std::memcpy(it.cache->values(l, h) + static_cast<int64_t>(pos) * hd, row + 2 * C + h * hd,
+                      sizeof(float) * hd);
+        }
+      }
+    }
+    float scale = c.scale_attn_weights ? 1.0f / std::sqrt(static_cast<float>(hd)) : 1.0f;
+    if (c.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
+#pragma omp parallel for schedule(dynamic, 1) if (n_units > 1)
+    for (int u = 0; u < n_units; ++u) {
+      const int i = u / H, h = u % H;
+      const auto& it = items[i];
+      const int64_t r0 = item_row0[i];
+      K.attention_forward(att.data() + r0 * C + h * hd, qkv.data() + r0 * 3 * C + h * hd, it.cache->keys(l, h),
+                          it.cache->values(l, h), it.n_tokens, it.cache->length(), hd, 3 * C, C, scale);
+    }
+    K.matmul_forward(x.data(), att.data(), w.attn_proj_weight, w.attn_proj_bias, M, C, C, C, C, true);
+    K.layernorm_forward(ln.data(), x.data(), w.ln_2_weight, w.ln_2_bias, M, C, c.layer_norm_epsilon);
+    K.matmul_forward(fc.data(), ln.data(), w.fc_weight, w.fc_bias, M, C, I, C, I, false);
+    K.activation_forward(fc.data(), static_cast<int64_t>(M) * I, c.activation);
+    K.matmul_forward(x.data(), fc.data(), w.mlp_proj_weight, w.mlp_proj_bias, M, I, C, I, C, true);
+  }
+  for (const auto& it : items) it.cache->set_length(it.cache->length() + it.n_tokens);
+
+  // Final layer norm and LM head only on the rows whose logits are wanted.
+  const int64_t rows = logit_rows(items);
+  float* sel = ln.data();  // rows <= M, so ln has room
+  {
+    int64_t r = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const auto& it = items[i];
+      const int first = it.all_logits ? 0 : it.n_tokens - 1;
+      for (int t = first; t < it.n_tokens; ++t, ++r)
+        std::memcpy(sel + r * C, x.data() + static_cast<int64_t>(item_row0[i] + t) * C, sizeof(float) * C);
+    }
+  }
+  K.layernorm_forward(sel, sel, weights_.ln_f_weight, weights_.ln_f_bias, static_cast<int>(rows), C,
+                      c.layer_norm_epsilon);
+  if (hidden) std::memcpy(hidden, sel, sizeof(float) * rows * C);
+  if (logits) K.matmul_nt_forward(logits, sel, weights_.lm_head, static_cast<int>(rows), C, V, V);
+}
+
+}  // namespace gptcpp

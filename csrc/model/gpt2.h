@@ -1,0 +1,100 @@
+// The GPT-2 forward pass over a batch of sequences, each with its own KV cache.
+//
+// Weights are borrowed float32 pointers in the Hugging Face layout (Conv1D [in, out]; wte [vocab, n_embd]),
+// owned by the caller (memory-mapped from the checkpoint when it is F32). One forward() call runs all the new
+// tokens of all sequences through each layer as one matrix, then attention per (sequence, head).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace gptcpp {
+
+struct GPT2Config {
+  int vocab_size = 50257;
+  int n_positions = 1024;
+  int n_embd = 768;
+  int n_layer = 12;
+  int n_head = 12;
+  int n_inner = 3072;
+  float layer_norm_epsilon = 1e-5f;
+  Activation activation = Activation::gelu_tanh;
+  bool scale_attn_weights = true;
+  bool scale_attn_by_inverse_layer_idx = false;
+  int head_dim() const { return n_embd / n_head; }
+};
+
+struct LayerWeights {
+  const float *ln_1_weight, *ln_1_bias;
+  const float *attn_weight, *attn_bias;  // c_attn: [n_embd, 3 n_embd]
+  const float *attn_proj_weight, *attn_proj_bias;  // attn.c_proj: [n_embd, n_embd]
+  const float *ln_2_weight, *ln_2_bias;
+  const float *fc_weight, *fc_bias;  // mlp.c_fc: [n_embd, n_inner]
+  const float *mlp_proj_weight, *mlp_proj_bias;  // mlp.c_proj: [n_inner, n_embd]
+};
+
+struct GPT2Weights {
+  const float* wte = nullptr;  // [vocab, n_embd]
+  const float* wpe = nullptr;  // [n_positions, n_embd]
+  std::vector<LayerWeights> layers;
+  const float *ln_f_weight = nullptr, *ln_f_bias = nullptr;
+  const float* lm_head = nullptr;  // [vocab, n_embd]; == wte when tied
+};
+
+// Keys and values of one sequence: [n_layer][n_head][capacity][head_dim] each, so one head's rows are
+// contiguous for the attention kernel. length is how many positions are filled.
+class KVCache {
+ public:
+  KVCache(const GPT2Config& config, int capacity);
+  int capacity() const { return capacity_; }
+  int length() const { return length_; }
+  // Forgets positions from n on (rollback after rejected speculation, or reuse of a shared prefix).
+  void truncate(int n);
+  // Copies the first n positions of other (same model) into this cache.
+  void copy_prefix_from(const KVCache& other, int n);
+  float* keys(int layer, int head) { return k_.get() + offset(layer, head); }
+  float* values(int layer, int head) { return v_.get() + offset(layer, head); }
+  const float* keys(int layer, int head) const { return k_.get() + offset(layer, head); }
+  const float* values(int layer, int head) const { return v_.get() + offset(layer, head); }
+  void set_length(int n) { length_ = n; }
+
+ private:
+  int64_t offset(int layer, int head) const {
+    return ((static_cast<int64_t>(layer) * n_head_ + head) * capacity_) * head_dim_;
+  }
+  int n_layer_, n_head_, head_dim_, capacity_, length_ = 0;
+  std::unique_ptr<float[]> k_, v_;
+};
+
+// One sequence's share of a forward pass: its cache, the new tokens to append, and which logits it wants.
+struct ForwardItem {
+  KVCache* cache;
+  const int32_t* tokens;
+  int n_tokens;
+  bool all_logits;  // logits for every new position, else only the last
+};
+
+class GPT2Model {
+ public:
+  GPT2Model(const GPT2Config& config, const GPT2Weights& weights);
+  const GPT2Config& config() const { return config_; }
+  // Logit rows, in item order: n_tokens rows for an all_logits item, one row otherwise.
+  static int64_t logit_rows(const std::vector<ForwardItem>& items);
+  // Runs the items' new tokens through the model, appending to their caches, and writes logit rows
+  // [logit_rows(items), vocab] into logits. Throws std::invalid_argument (bad token id) or
+  // std::length_error (context or cache capacity exceeded) before touching any cache.
+  // When hidden is not null it receives the final-layer-normed hidden state of the same rows.
+  void forward(const std::vector<ForwardItem>& items, float* logits, float* hidden = nullptr) const;
+  // Number of OpenMP threads a forward pass uses (0: the OpenMP default).
+  void set_threads(int n) { threads_ = n; }
+  int threads() const { return threads_; }
+
+ private:
+  GPT2Config config_;
+  GPT2Weights weights_;
+  int threads_ = 0;
+};
+
+}  // namespace gptcpp

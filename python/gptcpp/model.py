@@ -1,0 +1,313 @@
+"""The user-facing model: GPT2.from_pretrained, logits, generate, stream, score."""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from .config import GPT2Config
+from .generation import (GenerationResult, ScoreResult, TokenLogprob, sampling_dict, validate_options)
+from .loading import load_checkpoint
+from .tokenizer import GPT2Tokenizer, IncrementalDecoder
+
+_EARLY_STOPPING = {False: 0, True: 1, "never": 2}
+
+
+class GPT2:
+    """A GPT-2 checkpoint loaded into the C++ core. Safe to share between threads."""
+
+    def __init__(self, config: GPT2Config, tensors: dict, tokenizer: GPT2Tokenizer | None = None,
+                 threads: int | None = None, name: str = "", metadata: dict | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.name = name
+        self.metadata = metadata or {}
+        self.dtype = "fp32"
+        self._tensors = tensors
+        self._core = _core.Model(config.core_dict(), tensors)
+        self.threads = threads
+
+    # ---- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, threads: int | None = None) -> "GPT2":
+        """A local directory, a bundled model name (see gptcpp.bundled_models()), or a Hugging Face hub id."""
+        directory, cfg, tensors, metadata = load_checkpoint(str(name_or_path))
+        try:
+            tok = GPT2Tokenizer.from_directory(directory)
+        except FileNotFoundError:
+            tok = None
+        if tok is not None and tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"the tokenizer in {directory} has {tok.vocab_size} tokens but the model's vocab_size "
+                             f"is {cfg.vocab_size}")
+        return cls(cfg, tensors, tok, threads=threads, name=str(name_or_path), metadata=metadata)
+
+    @property
+    def threads(self) -> int:
+        return self._core.threads or (os.cpu_count() or 1)
+
+    @threads.setter
+    def threads(self, n: int | None) -> None:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"threads must be a positive integer, got {n!r}")
+        self._core.threads = n or 0
+
+    @property
+    def isa(self) -> str:
+        """The instruction-set level the kernels run with."""
+        return _core.isa()
+
+    def num_parameters(self) -> int:
+        return int(sum(t.size for t in self._tensors.values()))
+
+    # ---- tokens ---------------------------------------------------------------------------------------
+    def _require_tokenizer(self) -> GPT2Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer files; pass token ids instead of text")
+        return self.tokenizer
+
+    def _check_ids(self, ids) -> list[int]:
+        try:
+            out = [int(t) for t in ids]
+        except (TypeError, ValueError):
+            raise ValueError(f"token ids must be integers, got {ids!r}") from None
+        for t in out:
+            if not 0 <= t < self.config.vocab_size:
+                raise ValueError(f"token id {t} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return out
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self._require_tokenizer().encode(prompt)
+        else:
+            ids = self._check_ids(prompt)
+        if not ids:  # an empty prompt starts from <|endoftext|>, as GPT-2 was trained
+            bos = self.config.bos_token_id if self.config.bos_token_id is not None else (self.config.eos_token_ids or [0])[0]
+            ids = [bos]
+        if len(ids) > self.config.n_positions:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of "
+                             f"{self.config.n_positions} (n_positions)")
+        return ids
+
+    def _decode(self, ids, skip_special_tokens=True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) if self.tokenizer else ""
+
+    # ---- raw forward ------------------------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """float32 logits [len(token_ids), vocab] of a whole sequence."""
+        ids = self._check_ids(token_ids)
+        if not ids:
+            raise ValueError("token_ids is empty")
+        if len(ids) > self.config.n_positions:
+            raise ValueError(f"{len(ids)} tokens exceed the model's context of {self.config.n_positions} (n_positions)")
+        cache = self._core.new_cache(len(ids))
+        return self._core.forward([cache], [np.asarray(ids, dtype=np.int32)], True)[0]
+
+    def hidden_states(self, token_ids) -> np.ndarray:
+        """The final layer-normed hidden states [len(token_ids), n_embd] (what the LM head reads)."""
+        ids = self._check_ids(token_ids)
+        if not ids or len(ids) > self.config.n_positions:
+            raise ValueError(f"token_ids must hold 1..{self.config.n_positions} tokens")
+        cache = self._core.new_cache(len(ids))
+        return self._core.forward([cache], [np.asarray(ids, dtype=np.int32)], True, True)[1]
+
+    def new_cache(self, capacity: int | None = None):
+        """A KV cache for incremental decoding with forward()."""
+        return self._core.new_cache(capacity or self.config.n_positions)
+
+    def forward(self, cache, token_ids, all_logits: bool = True) -> np.ndarray:
+        """Appends token_ids to cache and returns their logits (all rows, or only the last)."""
+        ids = np.asarray(self._check_ids(token_ids), dtype=np.int32)
+        return self._core.forward([cache], [ids], all_logits)[0]
+
+    # ---- generation -------------------------------------------------------------------------------------
+    @staticmethod
+    def _is_batch(prompt) -> bool:
+        return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
+
+    def generate(self, prompt, **options):
+        """Generates from a prompt (text or token ids) or a list of them, decoded together as one batch.
+
+        One prompt gives a GenerationResult (a list of them when num_return_sequences > 1); a list of prompts
+        gives a list in the same order."""
+        batch = self._is_batch(prompt)
+        prompts = list(prompt) if batch else [prompt]
+        o = validate_options(options, self.config.vocab_size, self.config.eos_token_ids)
+        ids = [self._prompt_ids(p) for p in prompts]
+        if o["num_beams"] > 1:
+            results = [self._beam_search(p, o) for p in ids]
+        else:
+            run = _Run(self, ids, o)
+            for _ in run.events():
+                pass
+            results = run.results()
+        if o["num_return_sequences"] == 1:
+            results = [r[0] for r in results]
+        return results if batch else results[0]
+
+    def stream(self, prompt, **options) -> Iterator[str]:
+        """Yields text pieces as tokens are produced; they never split a character, and joined they equal
+        generate(prompt, **options).text."""
+        if self._is_batch(prompt):
+            raise ValueError("stream() takes one prompt")
+        o = validate_options(options, self.config.vocab_size, self.config.eos_token_ids)
+        if o["num_beams"] > 1 or o["num_return_sequences"] > 1:
+            raise ValueError("stream() supports num_beams=1 and num_return_sequences=1")
+        run = _Run(self, [self._prompt_ids(prompt)], o)
+        for _, piece in run.events():
+            if piece:
+                yield piece
+
+    def _beam_search(self, ids: list[int], o: dict) -> list[GenerationResult]:
+        opts = sampling_dict(o)
+        if o["do_sample"]:
+            opts["min_tokens_to_keep"] = len(o["eos_token_id"]) + 1
+        hyps = _core.beam_search(self._core, ids, opts, o["num_beams"], o["max_new_tokens"], float(o["length_penalty"]),
+                                 _EARLY_STOPPING[o["early_stopping"]], o["num_return_sequences"])
+        out = []
+        eos = set(o["eos_token_id"])
+        for tokens, score in hyps:
+            text = self._decode(tokens)
+            finish = "eos" if tokens and tokens[-1] in eos else "length"
+            text, cut = _cut_at_stop(text, o["stop"])
+            out.append(GenerationResult(text=text, token_ids=list(tokens), finish_reason="stop" if cut else finish,
+                                        prompt_token_ids=ids, score=float(score)))
+        return out
+
+    # ---- scoring ----------------------------------------------------------------------------------------
+    def score(self, text_or_texts, stride: int | None = None, chunk: int = 256):
+        """Per-token log-probabilities, total log-likelihood and perplexity of a text (or list of texts).
+
+        Token i is scored given tokens 0..i-1 (the first token is not scored), as transformers' loss with
+        labels=input_ids. A text longer than the context is scored with a sliding window that moves by
+        `stride` tokens (default half the context), each token scored once with as much context as fits."""
+        if isinstance(text_or_texts, (list, tuple)) and text_or_texts and not isinstance(text_or_texts[0], (int, np.integer)):
+            return [self.score(t, stride=stride, chunk=chunk) for t in text_or_texts]
+        if isinstance(text_or_texts, str):
+            ids = self._require_tokenizer().encode(text_or_texts)
+        else:
+            ids = self._check_ids(text_or_texts)
+        if not ids:
+            raise ValueError("nothing to score: the text is empty")
+        n_ctx = self.config.n_positions
+        stride = stride or max(1, n_ctx // 2)
+        if not 1 <= stride <= n_ctx:
+            raise ValueError(f"stride must be in 1..{n_ctx}")
+        logprobs: list[float | None] = [None] * len(ids)
+        begin, scored_to = 0, 1  # tokens before scored_to already have their score
+        while True:
+            end = min(begin + n_ctx, len(ids))
+            window = ids[begin:end]
+            cache = self._core.new_cache(len(window))
+            for c0 in range(0, len(window), chunk):
+                part = np.asarray(window[c0:c0 + chunk], dtype=np.int32)
+                logits = self._core.forward([cache], [part], True)[0]
+                mx = logits.max(axis=1, keepdims=True)
+                lse = (mx + np.log(np.exp(logits - mx).sum(axis=1, keepdims=True)))[:, 0]
+                for r in range(len(part)):
+                    target = begin + c0 + r + 1  # the token this row predicts
+                    if scored_to <= target < end:
+                        logprobs[target] = float(logits[r, ids[target]] - lse[r])
+            scored_to = end
+            if end == len(ids):
+                break
+            begin = max(begin + stride, end - n_ctx + 1) if end - begin >= n_ctx else begin + stride
+        vals = [v for v in logprobs if v is not None]
+        return ScoreResult(token_ids=ids, token_logprobs=logprobs, total_logprob=float(sum(vals)), n_scored=len(vals))
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of text that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+class _Seq:
+    __slots__ = ("prompt_idx", "ids", "prompt", "tokens", "logprobs", "finish", "decoder", "emitted")
+
+    def __init__(self, prompt_idx, prompt, decoder):
+        self.prompt_idx, self.prompt, self.decoder = prompt_idx, prompt, decoder
+        self.tokens, self.logprobs, self.finish, self.emitted = [], None, None, 0
+
+
+class _Run:
+    """One batched decoding run: prompts x num_return_sequences sequences in one C++ Decoder."""
+
+    def __init__(self, model: GPT2, prompts: list[list[int]], o: dict):
+        self.model, self.o = model, o
+        self.dec = _core.Decoder(model._core)
+        opts = sampling_dict(o)
+        logprobs = -1 if o["logprobs"] is None else o["logprobs"]
+        self.order, self.seqs = [], {}
+        for pi, ids in enumerate(prompts):
+            for r in range(o["num_return_sequences"]):
+                sid = self.dec.add(ids, opts, o["max_new_tokens"], logprobs, r)
+                seq = _Seq(pi, ids, IncrementalDecoder(model.tokenizer) if model.tokenizer else None)
+                if logprobs >= 0:
+                    seq.logprobs = []
+                self.seqs[sid] = seq
+                self.order.append(sid)
+
+    def events(self):
+        """Runs steps until every sequence ends; yields (sequence id, new text piece) per produced token."""
+        stops = self.o["stop"]
+        tok = self.model.tokenizer
+        while self.dec.live:
+            for sid, token, finish, lp in self.dec.step():
+                seq = self.seqs[sid]
+                if seq.finish is not None:
+                    continue
+                seq.tokens.append(token)
+                if lp is not None:
+                    chosen, top = lp
+                    name = tok.id_to_token if tok else (lambda i: None)
+                    seq.logprobs.append(TokenLogprob(token, name(token), chosen, [(t, name(t), v) for t, v in top]))
+                piece = ""
+                if seq.decoder is not None:
+                    seq.decoder.push(token)
+                    text = seq.decoder.text()
+                    if stops:
+                        cut_text, cut = _cut_at_stop(text, stops)
+                        if cut:
+                            seq.finish = "stop"
+                            if finish is None:
+                                self.dec.cancel(sid)
+                            piece = cut_text[seq.emitted:]
+                            seq.emitted = len(cut_text)
+                            yield sid, piece
+                            continue
+                    if finish is not None:
+                        end = len(text)  # the end: hand out everything, incomplete characters included
+                    else:
+                        end = len(text)
+                        while end > seq.emitted and text[end - 1] == "\ufffd":
+                            end -= 1
+                        end -= _held_back(text[:end], stops)
+                    if end > seq.emitted:
+                        piece = text[seq.emitted:end]
+                        seq.emitted = end
+                if finish is not None:
+                    seq.finish = finish
+                yield sid, piece
+
+    def results(self) -> list[list[GenerationResult]]:
+        out: list[list[GenerationResult]] = [[] for _ in range(1 + max((s.prompt_idx for s in self.seqs.values()), default=0))]
+        for sid in self.order:
+            s = self.seqs[sid]
+            text = s.decoder.text() if s.decoder else ""
+            if s.finish == "stop":
+                text = _cut_at_stop(text, self.o["stop"])[0]
+            out[s.prompt_idx].append(GenerationResult(text=text, token_ids=s.tokens, finish_reason=s.finish or "length",
+                                                      prompt_token_ids=s.prompt, logprobs=s.logprobs))
+        return out
