@@ -39,7 +39,7 @@ def isa(request):
 def random_gpt2(seed=0, scale=1.0, **overrides):
     """A transformers GPT2LMHeadModel with random weights, larger than the 0.02 init so that activations
     and logits carry structure; a few input channels get large magnitudes, as trained GPT-2 has."""
-    cfg = dict(vocab_size=211, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1)
+    cfg = dict(vocab_size=211, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1)
     cfg.update(overrides)
     torch.manual_seed(seed)
     config = transformers.GPT2Config(**cfg)
