@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -276,6 +278,38 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("uniform", &uniform);
 
+  m.def(
+      "memory_read_bandwidth",
+      [](int64_t megabytes, int repeats, int threads) {
+        // Best of `repeats` timed passes of every thread reading its share of a buffer far larger than the
+        // caches; returns bytes per second.
+        const int64_t n = megabytes * (1 << 20) / 4;
+        std::unique_ptr<float[]> buf(new float[n]);
+        double best = 0.0;
+        volatile float sink = 0.0f;
+        {
+          py::gil_scoped_release release;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+          for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i & 7);
+          const KernelTable& k = kernels();
+          for (int r = 0; r < repeats; ++r) {
+            const auto t0 = std::chrono::steady_clock::now();
+            float total = 0.0f;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(+ : total)
+            {
+              const int64_t nt = thread_count(), t = thread_index();
+              const int64_t b = n * t / nt, e = n * (t + 1) / nt;
+              total += k.read_sum(buf.get() + b, e - b);
+            }
+            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            sink = sink + total;
+            best = std::max(best, static_cast<double>(n) * 4.0 / dt);
+          }
+        }
+        return best;
+      },
+      py::arg("megabytes") = 512, py::arg("repeats") = 5, py::arg("threads") = 0);
+
   // Kernel entry points for tests: each runs one kernel of the named instruction-set level.
   py::module_ k = m.def_submodule("kernels", "single kernels by instruction-set level, for tests");
   k.def("matmul", [](const std::string& isa, FloatArray inp, FloatArray weight, py::object bias, FloatArray out,
@@ -286,7 +320,7 @@ PYBIND11_MODULE(_core, m) {
     FloatArray o(out);
     with_isa(isa, [&](const KernelTable& t) {
       t.matmul_forward(o.mutable_data(), inp.data(), weight.data(), bias.is_none() ? nullptr : b.data(), M, K, N, K, N,
-                       accumulate);
+                       N, accumulate);
     });
     return o;
   });
@@ -314,8 +348,12 @@ PYBIND11_MODULE(_core, m) {
     const int T = static_cast<int>(q.shape(0)), hd = static_cast<int>(q.shape(1));
     if (kk.shape(0) != pos0 + T || v.shape(0) != pos0 + T) throw std::invalid_argument("k/v must have pos0 + T rows");
     FloatArray o({T, hd});
+    const int n_keys = pos0 + T;
+    std::vector<float> kt(static_cast<size_t>(hd) * n_keys);  // the cache's transposed key layout
+    for (int j = 0; j < n_keys; ++j)
+      for (int d = 0; d < hd; ++d) kt[static_cast<size_t>(d) * n_keys + j] = kk.data()[static_cast<size_t>(j) * hd + d];
     with_isa(isa, [&](const KernelTable& t) {
-      t.attention_forward(o.mutable_data(), q.data(), kk.data(), v.data(), T, pos0, hd, hd, hd, scale);
+      t.attention_forward(o.mutable_data(), q.data(), kt.data(), v.data(), T, pos0, hd, hd, hd, n_keys, scale);
     });
     return o;
   });

@@ -5,6 +5,10 @@
 
 #include "kernels/kernels.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace gptcpp {
 
 extern const KernelTable generic_kernels;
@@ -27,13 +31,22 @@ const KernelTable& kernels_for(Isa isa) {
 
 const KernelTable& kernels() { return kernels_for(selected_isa()); }
 
-float* scratch_floats(int64_t n) {
+#ifdef _OPENMP
+int thread_count() { return omp_get_num_threads(); }
+int thread_index() { return omp_get_thread_num(); }
+#else
+int thread_count() { return 1; }
+int thread_index() { return 0; }
+#endif
+
+float* scratch_floats(int64_t n, int slot) {
   struct Buffer {
     float* data = nullptr;
     int64_t size = 0;
     ~Buffer() { std::free(data); }
   };
-  thread_local Buffer buf;
+  thread_local Buffer bufs[2];
+  Buffer& buf = bufs[slot];
   if (buf.size < n) {
     std::free(buf.data);
     buf.data = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));

@@ -14,9 +14,10 @@ enum class Activation { gelu_tanh, gelu_erf, quick_gelu, relu, silu, tanh, sigmo
 struct KernelTable {
   Isa isa;
   // out[M,N] = inp[M,K] @ weight[K,N] + bias[N]  (bias may be null); when accumulate, out += that instead.
-  // weight is the Hugging Face Conv1D layout [in, out]; ldi / ldo are the row strides of inp / out.
+  // weight is the Hugging Face Conv1D layout [in, out]; ldi / ldo / ldw are the row strides of inp / out /
+  // weight (ldw > N: a window of a wider matrix, such as a head's transposed key cache).
   void (*matmul_forward)(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
-                         int ldi, int ldo, bool accumulate);
+                         int ldi, int ldo, int ldw, bool accumulate);
   // out[M,N] = inp[M,K] @ weight[N,K]^T: the LM head over the (tied) token embedding table [vocab, n_embd].
   void (*matmul_nt_forward)(float* out, const float* inp, const float* weight, int M, int K, int N, int ldo);
   // out[M,C] = (inp - mean) / sqrt(var + eps) * weight + bias, per row. out may equal inp.
@@ -26,11 +27,14 @@ struct KernelTable {
   void (*activation_forward)(float* x, int64_t n, Activation act);
   // One attention head of one sequence, for T new query rows whose first row sits at position pos0:
   // out[t, :hd] = softmax(scale * q[t] . k[0..pos0+t]) @ v[0..pos0+t]. q and out rows are ld_q / ld_out
-  // apart; k and v are this head's cache rows, hd floats each, contiguous.
-  void (*attention_forward)(float* out, const float* q, const float* k, const float* v, int T, int pos0, int hd,
-                            int ld_q, int ld_out, float scale);
+  // apart. Keys come transposed, kt[hd][ld_k] (key j of dimension d at kt[d * ld_k + j]), so that the scores
+  // are a matrix product; v is [pos0 + T][hd].
+  void (*attention_forward)(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
+                            int ld_q, int ld_out, int ld_k, float scale);
   // max and log(sum(exp(x - max))) of n values: the log-softmax normaliser of a logits row.
   void (*logsumexp)(const float* x, int n, float* max_out, float* lse_out);
+  // Sum of n floats, read as fast as the core can load them (the bandwidth probe's inner loop).
+  float (*read_sum)(const float* x, int64_t n);
 };
 
 const KernelTable& kernels_for(Isa isa);
@@ -40,7 +44,12 @@ const KernelTable& kernels();
 }  // namespace gptcpp
 
 namespace gptcpp {
-// A per-thread scratch buffer of at least n floats, valid until the same thread asks again. Defined in
-// portable code so that no ISA-specific copy of a standard-library template can leak into the others.
-float* scratch_floats(int64_t n);
+// A per-thread scratch buffer of at least n floats, valid until the same thread asks for the same slot
+// again (slot 0: matmul internals, slot 1: attention scores). Defined in portable code so that no
+// ISA-specific copy of a standard-library template can leak into the others.
+float* scratch_floats(int64_t n, int slot);
+
+// The OpenMP team size and this thread's index in it (1 and 0 when built without OpenMP).
+int thread_count();
+int thread_index();
 }  // namespace gptcpp

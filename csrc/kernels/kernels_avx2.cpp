@@ -17,12 +17,13 @@ namespace avx2 {
 #include "kernels/norms.inl"
 #include "kernels/attention.inl"
 #include "kernels/sampling.inl"
+#include "kernels/probe.inl"
 
 }  // namespace avx2
 
 extern const KernelTable avx2_kernels;
 const KernelTable avx2_kernels = {Isa::avx2,          avx2::matmul_forward,    avx2::matmul_nt_forward,
                                     avx2::layernorm_forward, avx2::activation_forward, avx2::attention_forward,
-                                    avx2::logsumexp};
+                                    avx2::logsumexp,         avx2::read_sum};
 
 }  // namespace gptcpp

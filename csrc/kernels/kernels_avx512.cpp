@@ -17,12 +17,13 @@ namespace avx512 {
 #include "kernels/norms.inl"
 #include "kernels/attention.inl"
 #include "kernels/sampling.inl"
+#include "kernels/probe.inl"
 
 }  // namespace avx512
 
 extern const KernelTable avx512_kernels;
 const KernelTable avx512_kernels = {Isa::avx512,          avx512::matmul_forward,    avx512::matmul_nt_forward,
                                     avx512::layernorm_forward, avx512::activation_forward, avx512::attention_forward,
-                                    avx512::logsumexp};
+                                    avx512::logsumexp,         avx512::read_sum};
 
 }  // namespace gptcpp

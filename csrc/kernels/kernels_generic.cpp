@@ -17,12 +17,13 @@ namespace generic {
 #include "kernels/norms.inl"
 #include "kernels/attention.inl"
 #include "kernels/sampling.inl"
+#include "kernels/probe.inl"
 
 }  // namespace generic
 
 extern const KernelTable generic_kernels;
 const KernelTable generic_kernels = {Isa::generic,          generic::matmul_forward,    generic::matmul_nt_forward,
                                     generic::layernorm_forward, generic::activation_forward, generic::attention_forward,
-                                    generic::logsumexp};
+                                    generic::logsumexp,         generic::read_sum};
 
 }  // namespace gptcpp

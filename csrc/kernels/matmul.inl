@@ -1,48 +1,96 @@
 // Matrix multiplication, written once against `Vec` (included by each kernels_<isa>.cpp).
 //
-// matmul_forward: out[M,N] (+)= inp[M,K] @ weight[K,N] + bias. The register tile is MR rows x NV vectors
-// of columns: for each k, NV vectors of weight row k are loaded once and multiplied by MR broadcast inputs.
-// Every output element is one fused multiply-add chain over k = 0..K-1 from zero, then + bias, then + out;
-// the same chain whatever MR the row lands in and however columns are split between threads, so a row's
-// result is bit-identical alone or in a batch. Threads take disjoint column blocks.
+// matmul_forward: out[M,N] (+)= inp[M,K] @ weight[K,N] + bias, weight in the Conv1D layout [in, out] used
+// in place. Two paths: a packed register-tiled GEMM for M >= PACK_MIN_M (prefill, batches) and a streaming
+// path for fewer rows (decoding). In both, every output element is one fused multiply-add chain over
+// k = 0..K-1 from zero, then + bias, then + out; so a row's result is bit-identical whichever path, tile or
+// thread computes it, and whatever it is batched with. Threads take disjoint columns; no sum is split.
 //
 // matmul_nt_forward: out[M,N] = inp[M,K] @ weight[N,K]^T, each element a vector dot product along k
 // reduced in a fixed order; used for the LM head, whose weight is the token embedding table [vocab, n_embd].
-
 namespace matmul_detail {
 
 using R = Vec::reg;
 constexpr int W = Vec::width;
 
-template <int MR, int NV>
-inline void tile(float* out, const float* inp, const float* weight, const float* bias, int K, int N, int ldi,
-                 int ldo, int n0, int ncols, bool accumulate) {
-  R acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = Vec::zero();
-  const bool full = ncols == NV * W;
-  const float* wp = weight + n0;
-  for (int k = 0; k < K; ++k, wp += N) {
+// Register budget: MR*NV accumulators + NV weight vectors + 1 broadcast must fit the register file
+// (16 YMM for AVX2, 32 ZMM for AVX-512).
+constexpr int NV = W == 16 ? 4 : 2;
+constexpr int MR = W == 16 ? 6 : 6;
+
+}  // namespace matmul_detail
+
+namespace matmul_detail {
+
+// Packed path, for M large enough that reusing a weight panel across many rows pays (prefill, batches).
+// For each block of NB columns a thread copies KC rows of the weight into a contiguous KC x NB panel that
+// stays in L1 while every MR-row tile of the input streams past it; partial sums live in a per-thread
+// M x NB buffer between K blocks. Storing and reloading a float partial sum is exact, so each element is
+// still the single FMA chain k = 0..K-1 of the unpacked path: the two paths give bit-identical rows.
+constexpr int KC = W == 16 ? 128 : 192;
+
+template <int mr>
+inline void packed_tile(float* c, const float* a, int lda, const float* panel, int kc, bool first) {
+  R acc[mr][NV];
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = first ? Vec::zero() : Vec::load(c + i * NV * W + j * W);
+  const float* bp = panel;
+  for (int k = 0; k < kc; ++k, bp += NV * W) {
     R b[NV];
-    if (full) {
-      for (int j = 0; j < NV; ++j) b[j] = Vec::load(wp + j * W);
-    } else {
-      for (int j = 0; j < NV; ++j) {
-        int rem = ncols - j * W;
-        b[j] = rem >= W ? Vec::load(wp + j * W) : (rem > 0 ? Vec::load_partial(wp + j * W, rem) : Vec::zero());
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      R a = Vec::set1(inp[static_cast<int64_t>(i) * ldi + k]);
-      for (int j = 0; j < NV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
+    for (int j = 0; j < NV; ++j) b[j] = Vec::load(bp + j * W);
+    for (int i = 0; i < mr; ++i) {
+      R av = Vec::set1(a[static_cast<int64_t>(i) * lda + k]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = Vec::fma(av, b[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < NV; ++j) Vec::store(c + i * NV * W + j * W, acc[i][j]);
+}
+
+// Copies rows k0..k0+kc of columns [n0, n0+ncols) into a KC x NB panel, zero-padding a column tail.
+inline void pack_panel(float* panel, const float* weight, int ldw, int k0, int kc, int n0, int ncols) {
+  constexpr int NB = NV * W;
+  for (int k = 0; k < kc; ++k) {
+    const float* src = weight + static_cast<int64_t>(k0 + k) * ldw + n0;
+    float* dst = panel + k * NB;
+    if (ncols == NB) {
+      for (int j = 0; j < NV; ++j) Vec::store(dst + j * W, Vec::load(src + j * W));
+    } else {
+      for (int j = 0; j < NB; ++j) dst[j] = j < ncols ? src[j] : 0.0f;
+    }
+  }
+}
+
+// All row tiles of the input against one packed panel; partial sums in cbuf [M x NB].
+inline void panel_times_rows(float* cbuf, const float* inp, int M, int ldi, int k0, int kc, const float* panel) {
+  constexpr int NB = NV * W;
+  const bool first = k0 == 0;
+  int m = 0;
+  for (; m + MR <= M; m += MR)
+    packed_tile<MR>(cbuf + static_cast<int64_t>(m) * NB, inp + static_cast<int64_t>(m) * ldi + k0, ldi, panel, kc, first);
+  const float* a = inp + static_cast<int64_t>(m) * ldi + k0;
+  float* c = cbuf + static_cast<int64_t>(m) * NB;
+  switch (M - m) {
+    case 0: break;
+    case 1: packed_tile<1>(c, a, ldi, panel, kc, first); break;
+    case 2: packed_tile<2>(c, a, ldi, panel, kc, first); break;
+    case 3: packed_tile<3>(c, a, ldi, panel, kc, first); break;
+    case 4: packed_tile<4>(c, a, ldi, panel, kc, first); break;
+    default: packed_tile<5>(c, a, ldi, panel, kc, first); break;
+  }
+}
+
+// Epilogue, in the other paths' order: sum, + bias, then added to out.
+inline void store_block(float* out, const float* cbuf, const float* bias, int M, int ldo, int n0, int ncols,
+                        bool accumulate) {
+  constexpr int NB = NV * W;
+  for (int i = 0; i < M; ++i) {
     float* o = out + static_cast<int64_t>(i) * ldo + n0;
+    const float* cr = cbuf + static_cast<int64_t>(i) * NB;
     for (int j = 0; j < NV; ++j) {
-      int rem = ncols - j * W;
+      const int rem = ncols - j * W;
       if (rem <= 0) break;
-      R r = acc[i][j];
+      R r = Vec::load(cr + j * W);
       if (rem >= W) {
         if (bias) r = Vec::add(r, Vec::load(bias + n0 + j * W));
         if (accumulate) r = Vec::add(Vec::load(o + j * W), r);
@@ -56,46 +104,157 @@ inline void tile(float* out, const float* inp, const float* weight, const float*
   }
 }
 
-// Register budget: MR*NV accumulators + NV weight vectors + 1 broadcast must fit the register file
-// (16 YMM for AVX2, 32 ZMM for AVX-512).
-constexpr int NV = W == 16 ? 4 : 2;
-constexpr int MR = W == 16 ? 6 : 6;
-
-template <int mr>
-inline void tile_rows(float* out, const float* inp, const float* weight, const float* bias, int K, int N, int ldi,
-                      int ldo, int n0, int ncols, bool accumulate) {
-  tile<mr, NV>(out, inp, weight, bias, K, N, ldi, ldo, n0, ncols, accumulate);
+// Many rows: one column block at a time, its panel reused by all M / MR row tiles.
+inline void packed_blocks(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
+                          int ldi, int ldo, int ldw, int b0, int b1, bool accumulate) {
+  constexpr int NB = NV * W;
+  float* panel = scratch_floats(static_cast<int64_t>(KC) * NB + static_cast<int64_t>(M) * NB, 0);
+  float* cbuf = panel + KC * NB;
+  for (int b = b0; b < b1; ++b) {
+    const int n0 = b * NB, ncols = N - n0 < NB ? N - n0 : NB;
+    for (int k0 = 0; k0 < K; k0 += KC) {
+      const int kc = K - k0 < KC ? K - k0 : KC;
+      pack_panel(panel, weight, ldw, k0, kc, n0, ncols);
+      panel_times_rows(cbuf, inp, M, ldi, k0, kc, panel);
+    }
+    store_block(out, cbuf, bias, M, ldo, n0, ncols, accumulate);
+  }
 }
 
-inline void column_block(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
-                         int ldi, int ldo, int n0, int ncols, bool accumulate) {
-  int m = 0;
-  for (; m + MR <= M; m += MR)
-    tile_rows<MR>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, weight, bias, K, N, ldi,
-                  ldo, n0, ncols, accumulate);
-  float* o = out + static_cast<int64_t>(m) * ldo;
-  const float* a = inp + static_cast<int64_t>(m) * ldi;
-  switch (M - m) {
-    case 0: break;
-    case 1: tile_rows<1>(o, a, weight, bias, K, N, ldi, ldo, n0, ncols, accumulate); break;
-    case 2: tile_rows<2>(o, a, weight, bias, K, N, ldi, ldo, n0, ncols, accumulate); break;
-    case 3: tile_rows<3>(o, a, weight, bias, K, N, ldi, ldo, n0, ncols, accumulate); break;
-    case 4: tile_rows<4>(o, a, weight, bias, K, N, ldi, ldo, n0, ncols, accumulate); break;
-    default: tile_rows<5>(o, a, weight, bias, K, N, ldi, ldo, n0, ncols, accumulate); break;
+// Few rows: KC rows of all the thread's blocks are packed together, reading each weight row sequentially.
+inline void packed_wide(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
+                        int ldi, int ldo, int ldw, int b0, int b1, bool accumulate) {
+  constexpr int NB = NV * W;
+  const int nb = b1 - b0;
+  float* panels = scratch_floats(static_cast<int64_t>(KC) * NB * nb + static_cast<int64_t>(M) * NB * nb, 0);
+  float* cbufs = panels + static_cast<int64_t>(KC) * NB * nb;
+  for (int k0 = 0; k0 < K; k0 += KC) {
+    const int kc = K - k0 < KC ? K - k0 : KC;
+    for (int k = 0; k < kc; ++k)
+      for (int b = b0; b < b1; ++b) {
+        const int n0 = b * NB;
+        pack_panel(panels + static_cast<int64_t>(b - b0) * KC * NB + k * NB, weight, ldw, k0 + k, 1, n0,
+                   N - n0 < NB ? N - n0 : NB);
+      }
+    for (int b = b0; b < b1; ++b)
+      panel_times_rows(cbufs + static_cast<int64_t>(b - b0) * M * NB, inp, M, ldi, k0, kc,
+                       panels + static_cast<int64_t>(b - b0) * KC * NB);
+  }
+  for (int b = b0; b < b1; ++b) {
+    const int n0 = b * NB;
+    store_block(out, cbufs + static_cast<int64_t>(b - b0) * M * NB, bias, M, ldo, n0, N - n0 < NB ? N - n0 : NB,
+                accumulate);
+  }
+}
+
+constexpr int PACK_MIN_M = 8;
+// Below this many rows a thread packs KC rows of its whole column range at once (long sequential reads of
+// each weight row), since the panel is reused by only a few row tiles; above it, one block at a time.
+constexpr int WIDE_PACK_MAX_M = 64;
+
+// Streaming path, for the few rows of a decoding step: bandwidth, not arithmetic, is the limit. Each thread
+// owns a contiguous range of columns and walks the weight rows in order, four at a time, so every weight
+// byte is read once in long sequential runs; the running sums of its columns stay in L1. Per element this
+// is again the FMA chain k = 0..K-1 from zero, then + bias, then + out, as in the other two paths.
+inline void streaming_columns(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
+                              int ldi, int ldo, int ldw, int c0, int c1, bool accumulate, float* ybuf) {
+  const int width = c1 - c0;
+  for (int64_t i = 0; i < static_cast<int64_t>(M) * width; ++i) ybuf[i] = 0.0f;
+  for (int k = 0; k < K; k += 4) {
+    const int kk = K - k < 4 ? K - k : 4;
+    const float* w0 = weight + static_cast<int64_t>(k) * ldw + c0;
+    for (int m = 0; m < M; ++m) {
+      const float* x = inp + static_cast<int64_t>(m) * ldi + k;
+      float* y = ybuf + static_cast<int64_t>(m) * width;
+      if (kk == 4) {
+        const R x0 = Vec::set1(x[0]), x1 = Vec::set1(x[1]), x2 = Vec::set1(x[2]), x3 = Vec::set1(x[3]);
+        const float *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        int j = 0;
+        for (; j + W <= width; j += W) {
+          R acc = Vec::load(y + j);
+          acc = Vec::fma(x0, Vec::load(w0 + j), acc);
+          acc = Vec::fma(x1, Vec::load(w1 + j), acc);
+          acc = Vec::fma(x2, Vec::load(w2 + j), acc);
+          acc = Vec::fma(x3, Vec::load(w3 + j), acc);
+          Vec::store(y + j, acc);
+        }
+        if (j < width) {
+          const int rem = width - j;
+          R acc = Vec::load_partial(y + j, rem);
+          acc = Vec::fma(x0, Vec::load_partial(w0 + j, rem), acc);
+          acc = Vec::fma(x1, Vec::load_partial(w1 + j, rem), acc);
+          acc = Vec::fma(x2, Vec::load_partial(w2 + j, rem), acc);
+          acc = Vec::fma(x3, Vec::load_partial(w3 + j, rem), acc);
+          Vec::store_partial(y + j, acc, rem);
+        }
+      } else {
+        for (int q = 0; q < kk; ++q) {
+          const R xq = Vec::set1(x[q]);
+          const float* wq = w0 + static_cast<int64_t>(q) * ldw;
+          int j = 0;
+          for (; j + W <= width; j += W) Vec::store(y + j, Vec::fma(xq, Vec::load(wq + j), Vec::load(y + j)));
+          if (j < width) {
+            const int rem = width - j;
+            Vec::store_partial(y + j, Vec::fma(xq, Vec::load_partial(wq + j, rem), Vec::load_partial(y + j, rem)), rem);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    float* o = out + static_cast<int64_t>(m) * ldo + c0;
+    const float* y = ybuf + static_cast<int64_t>(m) * width;
+    const float* bb = bias ? bias + c0 : nullptr;
+    int j = 0;
+    for (; j + W <= width; j += W) {
+      R r = Vec::load(y + j);
+      if (bb) r = Vec::add(r, Vec::load(bb + j));
+      if (accumulate) r = Vec::add(Vec::load(o + j), r);
+      Vec::store(o + j, r);
+    }
+    if (j < width) {
+      const int rem = width - j;
+      R r = Vec::load_partial(y + j, rem);
+      if (bb) r = Vec::add(r, Vec::load_partial(bb + j, rem));
+      if (accumulate) r = Vec::add(Vec::load_partial(o + j, rem), r);
+      Vec::store_partial(o + j, r, rem);
+    }
   }
 }
 
 }  // namespace matmul_detail
 
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
-                    int ldi, int ldo, bool accumulate) {
+                    int ldi, int ldo, int ldw, bool accumulate) {
   using namespace matmul_detail;
   constexpr int NB = NV * W;
   const int nblocks = (N + NB - 1) / NB;
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(M) * K * N > 32768)
-  for (int b = 0; b < nblocks; ++b) {
-    const int n0 = b * NB;
-    column_block(out, inp, weight, bias, M, K, N, ldi, ldo, n0, (N - n0 < NB ? N - n0 : NB), accumulate);
+  if (M >= PACK_MIN_M) {
+#pragma omp parallel
+    {
+      const int nt = thread_count(), t = thread_index();
+      const int b0 = static_cast<int>(static_cast<int64_t>(nblocks) * t / nt);
+      const int b1 = static_cast<int>(static_cast<int64_t>(nblocks) * (t + 1) / nt);
+      if (b1 > b0) {
+        if (M <= WIDE_PACK_MAX_M)
+          packed_wide(out, inp, weight, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+        else
+          packed_blocks(out, inp, weight, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+      }
+    }
+    return;
+  }
+  // Few rows: threads split the columns into contiguous ranges of whole cache lines.
+  const bool parallel = static_cast<int64_t>(M) * K * N > 32768;
+#pragma omp parallel if (parallel)
+  {
+    const int nt = thread_count(), t = thread_index();
+    const int lines = (N + 15) / 16;
+    const int c0 = static_cast<int>(static_cast<int64_t>(lines) * t / nt) * 16;
+    const int c1 = t + 1 == nt ? N : static_cast<int>(static_cast<int64_t>(lines) * (t + 1) / nt) * 16;
+    if (c1 > c0)
+      streaming_columns(out, inp, weight, bias, M, K, ldi, ldo, ldw, c0, c1, accumulate,
+                        scratch_floats(static_cast<int64_t>(M) * (c1 - c0), 0));
   }
 }
 

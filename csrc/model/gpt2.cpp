@@ -33,7 +33,9 @@ void KVCache::copy_prefix_from(const KVCache& other, int n) {
   if (n > other.length_ || n > capacity_) throw std::length_error("prefix longer than the cache");
   for (int l = 0; l < n_layer_; ++l)
     for (int h = 0; h < n_head_; ++h) {
-      std::memcpy(keys(l, h), other.keys(l, h), sizeof(float) * n * head_dim_);
+      for (int d = 0; d < head_dim_; ++d)
+        std::memcpy(keys(l, h) + static_cast<int64_t>(d) * capacity_,
+                    other.keys(l, h) + static_cast<int64_t>(d) * other.capacity_, sizeof(float) * n);
       std::memcpy(values(l, h), other.values(l, h), sizeof(float) * n * head_dim_);
     }
   length_ = n;
@@ -98,15 +100,18 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& w = weights_.layers[l];
     K.layernorm_forward(ln.data(), x.data(), w.ln_1_weight, w.ln_1_bias, M, C, c.layer_norm_epsilon);
-    K.matmul_forward(qkv.data(), ln.data(), w.attn_weight, w.attn_bias, M, C, 3 * C, C, 3 * C, false);
+    K.matmul_forward(qkv.data(), ln.data(), w.attn_weight, w.attn_bias, M, C, 3 * C, C, 3 * C, 3 * C, false);
     // Append this layer's new keys and values to each sequence's cache.
     for (size_t i = 0; i < items.size(); ++i) {
       const auto& it = items[i];
       for (int t = 0; t < it.n_tokens; ++t) {
         const float* row = qkv.data() + static_cast<int64_t>(item_row0[i] + t) * 3 * C;
         const int pos = it.cache->length() + t;
+        const int cap = it.cache->capacity();
         for (int h = 0; h < H; ++h) {
-          std::memcpy(it.cache->keys(l, h) + static_cast<int64_t>(pos) * hd, row + C + h * hd, sizeof(float) * hd);
+          float* kt = it.cache->keys(l, h);  // transposed: [head_dim][capacity]
+          const float* krow = row + C + h * hd;
+          for (int d = 0; d < hd; ++d) kt[static_cast<int64_t>(d) * cap + pos] = krow[d];
           std::memcpy(it.cache->values(l, h) + static_cast<int64_t>(pos) * hd, row + 2 * C + h * hd,
                       sizeof(float) * hd);
         }
@@ -120,13 +125,14 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       const auto& it = items[i];
       const int64_t r0 = item_row0[i];
       K.attention_forward(att.data() + r0 * C + h * hd, qkv.data() + r0 * 3 * C + h * hd, it.cache->keys(l, h),
-                          it.cache->values(l, h), it.n_tokens, it.cache->length(), hd, 3 * C, C, scale);
+                          it.cache->values(l, h), it.n_tokens, it.cache->length(), hd, 3 * C, C,
+                          it.cache->capacity(), scale);
     }
-    K.matmul_forward(x.data(), att.data(), w.attn_proj_weight, w.attn_proj_bias, M, C, C, C, C, true);
+    K.matmul_forward(x.data(), att.data(), w.attn_proj_weight, w.attn_proj_bias, M, C, C, C, C, C, true);
     K.layernorm_forward(ln.data(), x.data(), w.ln_2_weight, w.ln_2_bias, M, C, c.layer_norm_epsilon);
-    K.matmul_forward(fc.data(), ln.data(), w.fc_weight, w.fc_bias, M, C, I, C, I, false);
+    K.matmul_forward(fc.data(), ln.data(), w.fc_weight, w.fc_bias, M, C, I, C, I, I, false);
     K.activation_forward(fc.data(), static_cast<int64_t>(M) * I, c.activation);
-    K.matmul_forward(x.data(), fc.data(), w.mlp_proj_weight, w.mlp_proj_bias, M, I, C, I, C, true);
+    K.matmul_forward(x.data(), fc.data(), w.mlp_proj_weight, w.mlp_proj_bias, M, I, C, I, C, C, true);
   }
   for (const auto& it : items) it.cache->set_length(it.cache->length() + it.n_tokens);
 

@@ -43,8 +43,9 @@ struct GPT2Weights {
   const float* lm_head = nullptr;  // [vocab, n_embd]; == wte when tied
 };
 
-// Keys and values of one sequence: [n_layer][n_head][capacity][head_dim] each, so one head's rows are
-// contiguous for the attention kernel. length is how many positions are filled.
+// Keys and values of one sequence, per layer and head: keys transposed [head_dim][capacity] (the scores
+// q @ K^T are then a plain matrix product over contiguous rows), values [capacity][head_dim]. length is how
+// many positions are filled.
 class KVCache {
  public:
   KVCache(const GPT2Config& config, int capacity);
