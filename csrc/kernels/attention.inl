@@ -1,12 +1,16 @@
 // Causal attention for one head of one sequence, written once against `Vec`.
 // Scores and the weighted sum of V are both matrix products through matmul_forward (packed GEMM for a
-// prompt, the streaming path for one new token): S[T, n_keys] = q @ kt, masked softmax per row, then
-// out = P @ v. Row t sees keys 0..pos0+t; later keys get probability exactly 0, so they add nothing to the
-// FMA chains of P @ v. One call is one (sequence, head) unit: the model spreads units over threads, so
-// nothing here depends on the batch or the thread count.
+// prompt, the streaming path for one new token): S = q @ kt, masked softmax per row, then out = P @ v.
+// Query rows go in chunks of ROW_CHUNK, each against only the keys its last row can see, which skips most
+// of the masked upper triangle of a prompt. Row t sees keys 0..pos0+t; later keys in its chunk get
+// probability exactly 0, which adds nothing to the FMA chains of P @ v, so the chunking changes no bit.
+// One call is one (sequence, head) unit: the model spreads units over threads, so nothing here depends on
+// the batch or the thread count.
 
-void attention_forward(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
-                       int ld_q, int ld_out, int ld_k, float scale) {
+constexpr int ROW_CHUNK = 64;
+
+void attention_rows(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
+                    int ld_q, int ld_out, int ld_k, float scale) {
   using R = Vec::reg;
   constexpr int W = Vec::width;
   const int n_keys = pos0 + T;
@@ -57,4 +61,13 @@ void attention_forward(float* out, const float* q, const float* kt, const float*
     for (j = valid; j < n_keys; ++j) s[j] = 0.0f;
   }
   matmul_forward(out, S, v, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
+}
+
+void attention_forward(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
+                       int ld_q, int ld_out, int ld_k, float scale) {
+  for (int t0 = 0; t0 < T; t0 += ROW_CHUNK) {
+    const int rows = T - t0 < ROW_CHUNK ? T - t0 : ROW_CHUNK;
+    attention_rows(out + static_cast<int64_t>(t0) * ld_out, q + static_cast<int64_t>(t0) * ld_q, kt, v, rows,
+                   pos0 + t0, hd, ld_q, ld_out, ld_k, scale);
+  }
 }
