@@ -55,6 +55,36 @@ const float* borrow(PyModel& m, const py::dict& tensors, const std::string& name
   return static_cast<const float*>(arr.data());
 }
 
+// The storage format of a weight array, from its numpy dtype: float32, float16, uint16 (bf16 bits), int8.
+DType dtype_of(const py::array& w, const std::string& name) {
+  const char kind = w.dtype().kind();
+  const py::ssize_t item = w.itemsize();
+  if (kind == 'f' && item == 4) return DType::f32;
+  if (kind == 'f' && item == 2) return DType::f16;
+  if (kind == 'u' && item == 2) return DType::bf16;
+  if (kind == 'i' && item == 1) return DType::i8;
+  throw std::invalid_argument("tensor " + name + " must be float32, float16, uint16 (bf16) or int8");
+}
+
+// A weight matrix in its storage format; int8 comes with a float32 "<name>.scale" vector of n_scales
+// per-channel scales.
+WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string& name, std::vector<int64_t> shape,
+                         int64_t n_scales) {
+  if (!tensors.contains(name)) throw std::invalid_argument("missing tensor " + name);
+  py::array arr = py::reinterpret_borrow<py::array>(tensors[name.c_str()]);
+  if (!(arr.flags() & py::array::c_style)) throw std::invalid_argument("tensor " + name + " must be C-contiguous");
+  if (arr.ndim() != static_cast<py::ssize_t>(shape.size()))
+    throw std::invalid_argument("tensor " + name + " has the wrong number of dimensions");
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (arr.shape(i) != shape[i]) throw std::invalid_argument("tensor " + name + " has the wrong shape");
+  m.keep_alive.push_back(arr);
+  WeightView w;
+  w.data = arr.data();
+  w.dtype = dtype_of(arr, name);
+  if (w.dtype == DType::i8) w.scales = borrow(m, tensors, name + ".scale", {n_scales});
+  return w;
+}
+
 GPT2Config config_from(const py::dict& d) {
   GPT2Config c;
   c.vocab_size = d["vocab_size"].cast<int>();
@@ -75,28 +105,28 @@ std::shared_ptr<PyModel> make_model(const py::dict& config, const py::dict& tens
   GPT2Config c = config_from(config);
   const int64_t C = c.n_embd, I = c.n_inner, V = c.vocab_size;
   GPT2Weights w;
-  w.wte = borrow(*m, tensors, "wte.weight", {V, C});
+  w.wte = borrow_matrix(*m, tensors, "wte.weight", {V, C}, V);
   w.wpe = borrow(*m, tensors, "wpe.weight", {c.n_positions, C});
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string p = "h." + std::to_string(l) + ".";
     LayerWeights lw;
     lw.ln_1_weight = borrow(*m, tensors, p + "ln_1.weight", {C});
     lw.ln_1_bias = borrow(*m, tensors, p + "ln_1.bias", {C});
-    lw.attn_weight = borrow(*m, tensors, p + "attn.c_attn.weight", {C, 3 * C});
+    lw.attn_weight = borrow_matrix(*m, tensors, p + "attn.c_attn.weight", {C, 3 * C}, 3 * C);
     lw.attn_bias = borrow(*m, tensors, p + "attn.c_attn.bias", {3 * C});
-    lw.attn_proj_weight = borrow(*m, tensors, p + "attn.c_proj.weight", {C, C});
+    lw.attn_proj_weight = borrow_matrix(*m, tensors, p + "attn.c_proj.weight", {C, C}, C);
     lw.attn_proj_bias = borrow(*m, tensors, p + "attn.c_proj.bias", {C});
     lw.ln_2_weight = borrow(*m, tensors, p + "ln_2.weight", {C});
     lw.ln_2_bias = borrow(*m, tensors, p + "ln_2.bias", {C});
-    lw.fc_weight = borrow(*m, tensors, p + "mlp.c_fc.weight", {C, I});
+    lw.fc_weight = borrow_matrix(*m, tensors, p + "mlp.c_fc.weight", {C, I}, I);
     lw.fc_bias = borrow(*m, tensors, p + "mlp.c_fc.bias", {I});
-    lw.mlp_proj_weight = borrow(*m, tensors, p + "mlp.c_proj.weight", {I, C});
+    lw.mlp_proj_weight = borrow_matrix(*m, tensors, p + "mlp.c_proj.weight", {I, C}, C);
     lw.mlp_proj_bias = borrow(*m, tensors, p + "mlp.c_proj.bias", {C});
     w.layers.push_back(lw);
   }
   w.ln_f_weight = borrow(*m, tensors, "ln_f.weight", {C});
   w.ln_f_bias = borrow(*m, tensors, "ln_f.bias", {C});
-  w.lm_head = tensors.contains("lm_head.weight") ? borrow(*m, tensors, "lm_head.weight", {V, C}) : w.wte;
+  w.lm_head = tensors.contains("lm_head.weight") ? borrow_matrix(*m, tensors, "lm_head.weight", {V, C}, V) : w.wte;
   m->model = std::make_unique<GPT2Model>(c, w);
   return m;
 }
@@ -312,25 +342,43 @@ PYBIND11_MODULE(_core, m) {
 
   // Kernel entry points for tests: each runs one kernel of the named instruction-set level.
   py::module_ k = m.def_submodule("kernels", "single kernels by instruction-set level, for tests");
-  k.def("matmul", [](const std::string& isa, FloatArray inp, FloatArray weight, py::object bias, FloatArray out,
-                     bool accumulate) {
+  // Weights for the matmul test entry points: float32, float16, uint16 holding bf16, or int8 with scales.
+  // Weights for the matmul test entry points: float32, float16, uint16 holding bf16, or int8 with scales.
+  auto view_of = [](py::array w, py::object scales, std::vector<FloatArray>& keep) {
+    if (!(w.flags() & py::array::c_style)) throw std::invalid_argument("weight must be C-contiguous");
+    WeightView v;
+    v.data = w.data();
+    v.dtype = dtype_of(w, "weight");
+    if (v.dtype == DType::i8) {
+      if (scales.is_none()) throw std::invalid_argument("int8 weights need scales");
+      keep.push_back(scales.cast<FloatArray>());
+      v.scales = keep.back().data();
+    }
+    return v;
+  };
+  k.def("matmul", [view_of](const std::string& isa, FloatArray inp, py::array weight, py::object bias, FloatArray out,
+                            bool accumulate, py::object scales) {
     const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(weight.shape(1));
     if (weight.shape(0) != K || out.shape(0) != M || out.shape(1) != N) throw std::invalid_argument("shape mismatch");
+    std::vector<FloatArray> keep;
+    WeightView wv = view_of(weight, scales, keep);
     FloatArray b = bias.is_none() ? FloatArray() : bias.cast<FloatArray>();
     FloatArray o(out);
     with_isa(isa, [&](const KernelTable& t) {
-      t.matmul_forward(o.mutable_data(), inp.data(), weight.data(), bias.is_none() ? nullptr : b.data(), M, K, N, K, N,
-                       N, accumulate);
+      t.matmul_forward(o.mutable_data(), inp.data(), wv, bias.is_none() ? nullptr : b.data(), M, K, N, K, N, N, accumulate);
     });
     return o;
-  });
-  k.def("matmul_nt", [](const std::string& isa, FloatArray inp, FloatArray weight) {
+  }, py::arg("isa"), py::arg("inp"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("accumulate"),
+     py::arg("scales") = py::none());
+  k.def("matmul_nt", [view_of](const std::string& isa, FloatArray inp, py::array weight, py::object scales) {
     const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(weight.shape(0));
     if (weight.shape(1) != K) throw std::invalid_argument("shape mismatch");
+    std::vector<FloatArray> keep;
+    WeightView wv = view_of(weight, scales, keep);
     FloatArray o({M, N});
-    with_isa(isa, [&](const KernelTable& t) { t.matmul_nt_forward(o.mutable_data(), inp.data(), weight.data(), M, K, N, N); });
+    with_isa(isa, [&](const KernelTable& t) { t.matmul_nt_forward(o.mutable_data(), inp.data(), wv, M, K, N, N); });
     return o;
-  });
+  }, py::arg("isa"), py::arg("inp"), py::arg("weight"), py::arg("scales") = py::none());
   k.def("layernorm", [](const std::string& isa, FloatArray inp, FloatArray w, FloatArray b, float eps) {
     const int M = static_cast<int>(inp.shape(0)), C = static_cast<int>(inp.shape(1));
     FloatArray o({M, C});

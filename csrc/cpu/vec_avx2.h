@@ -4,6 +4,7 @@
 #error "define GPTCPP_ISA_NS (the per-ISA namespace) before including a vec header"
 #endif
 #include <immintrin.h>
+#include <cstdint>
 
 namespace gptcpp {
 namespace GPTCPP_ISA_NS {
@@ -20,6 +21,19 @@ struct Vec {
   }
   static inline reg load_partial(const float* p, int n) { return _mm256_maskload_ps(p, tail_mask(n)); }
   static inline void store_partial(float* p, reg a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a); }
+  // Weights stored narrower than float32, widened exactly on load (F16C for fp16).
+  static inline reg load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static inline reg load_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static inline reg load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  template <class T>
+  static inline void copy_tail(T* dst, const T* src, int n) { for (int i = 0; i < 8; ++i) dst[i] = i < n ? src[i] : T(0); }
+  static inline reg load_f16_partial(const uint16_t* p, int n) { uint16_t t[8]; copy_tail(t, p, n); return load_f16(t); }
+  static inline reg load_bf16_partial(const uint16_t* p, int n) { uint16_t t[8]; copy_tail(t, p, n); return load_bf16(t); }
+  static inline reg load_i8_partial(const int8_t* p, int n) { int8_t t[8]; copy_tail(t, p, n); return load_i8(t); }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }

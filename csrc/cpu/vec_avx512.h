@@ -4,6 +4,7 @@
 #error "define GPTCPP_ISA_NS (the per-ISA namespace) before including a vec header"
 #endif
 #include <immintrin.h>
+#include <cstdint>
 
 namespace gptcpp {
 namespace GPTCPP_ISA_NS {
@@ -18,6 +19,17 @@ struct Vec {
   static inline __mmask16 tail_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static inline reg load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
   static inline void store_partial(float* p, reg a, int n) { _mm512_mask_storeu_ps(p, tail_mask(n), a); }
+  // Weights stored narrower than float32, widened exactly on load.
+  static inline reg load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static inline reg load_f16_partial(const uint16_t* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail_mask(n), p)); }
+  static inline reg load_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  static inline reg load_bf16_partial(const uint16_t* p, int n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail_mask(n), p)), 16));
+  }
+  static inline reg load_i8(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+  static inline reg load_i8_partial(const int8_t* p, int n) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail_mask(n), p))); }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }

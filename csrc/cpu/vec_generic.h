@@ -5,6 +5,9 @@
 #error "define GPTCPP_ISA_NS (the per-ISA namespace) before including a vec header"
 #endif
 #include <cmath>
+#include <cstdint>
+
+#include "cpu/half.h"
 
 namespace gptcpp {
 namespace GPTCPP_ISA_NS {
@@ -20,6 +23,13 @@ struct Vec {
     reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = p[i]; return r;
   }
   static inline void store_partial(float* p, reg a, int n) { for (int i = 0; i < n; ++i) p[i] = a.v[i]; }
+  // Weights stored narrower than float32, widened exactly on load.
+  static inline reg load_f16_partial(const uint16_t* p, int n) { reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = gptcpp::f16_to_f32(p[i]); return r; }
+  static inline reg load_bf16_partial(const uint16_t* p, int n) { reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = gptcpp::bf16_to_f32(p[i]); return r; }
+  static inline reg load_i8_partial(const int8_t* p, int n) { reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = static_cast<float>(p[i]); return r; }
+  static inline reg load_f16(const uint16_t* p) { return load_f16_partial(p, 8); }
+  static inline reg load_bf16(const uint16_t* p) { return load_bf16_partial(p, 8); }
+  static inline reg load_i8(const int8_t* p) { return load_i8_partial(p, 8); }
 #define GPTCPP_VEC_BINOP(name, expr) \
   static inline reg name(reg a, reg b) { reg r; for (int i = 0; i < 8; ++i) { float x = a.v[i], y = b.v[i]; r.v[i] = (expr); } return r; }
   GPTCPP_VEC_BINOP(add, x + y)

@@ -11,15 +11,25 @@ namespace gptcpp {
 
 enum class Activation { gelu_tanh, gelu_erf, quick_gelu, relu, silu, tanh, sigmoid, linear };
 
+// How a weight matrix is stored. Narrow formats are widened to float32 exactly in registers, so compute is
+// always float32; int8 is symmetric per output channel: w = q * scales[channel].
+enum class DType { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
+struct WeightView {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  const float* scales = nullptr;  // int8 only: one per output channel (per column of [K,N], per row of [N,K])
+};
+int dtype_size(DType d);
+
 struct KernelTable {
   Isa isa;
   // out[M,N] = inp[M,K] @ weight[K,N] + bias[N]  (bias may be null); when accumulate, out += that instead.
   // weight is the Hugging Face Conv1D layout [in, out]; ldi / ldo / ldw are the row strides of inp / out /
   // weight (ldw > N: a window of a wider matrix, such as a head's transposed key cache).
-  void (*matmul_forward)(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
+  void (*matmul_forward)(float* out, const float* inp, WeightView weight, const float* bias, int M, int K, int N,
                          int ldi, int ldo, int ldw, bool accumulate);
   // out[M,N] = inp[M,K] @ weight[N,K]^T: the LM head over the (tied) token embedding table [vocab, n_embd].
-  void (*matmul_nt_forward)(float* out, const float* inp, const float* weight, int M, int K, int N, int ldo);
+  void (*matmul_nt_forward)(float* out, const float* inp, WeightView weight, int M, int K, int N, int ldo);
   // out[M,C] = (inp - mean) / sqrt(var + eps) * weight + bias, per row. out may equal inp.
   void (*layernorm_forward)(float* out, const float* inp, const float* weight, const float* bias, int M, int C,
                             float eps);

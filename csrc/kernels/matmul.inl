@@ -13,6 +13,29 @@ namespace matmul_detail {
 using R = Vec::reg;
 constexpr int W = Vec::width;
 
+// Weight readers: the one place that knows a storage format. Every path loads weights through one of
+// these, so all formats share the same kernels; int8's per-channel scale is applied in the epilogue.
+struct F32W {
+  using T = float;
+  static R load(const T* p) { return Vec::load(p); }
+  static R load_partial(const T* p, int n) { return Vec::load_partial(p, n); }
+};
+struct F16W {
+  using T = uint16_t;
+  static R load(const T* p) { return Vec::load_f16(p); }
+  static R load_partial(const T* p, int n) { return Vec::load_f16_partial(p, n); }
+};
+struct BF16W {
+  using T = uint16_t;
+  static R load(const T* p) { return Vec::load_bf16(p); }
+  static R load_partial(const T* p, int n) { return Vec::load_bf16_partial(p, n); }
+};
+struct I8W {
+  using T = int8_t;
+  static R load(const T* p) { return Vec::load_i8(p); }
+  static R load_partial(const T* p, int n) { return Vec::load_i8_partial(p, n); }
+};
+
 // Register budget: MR*NV accumulators + NV weight vectors + 1 broadcast must fit the register file
 // (16 YMM for AVX2, 32 ZMM for AVX-512).
 constexpr int NV = W == 16 ? 4 : 2;
@@ -48,15 +71,15 @@ inline void packed_tile(float* c, const float* a, int lda, const float* panel, i
 }
 
 // Copies rows k0..k0+kc of columns [n0, n0+ncols) into a KC x NB panel, zero-padding a column tail.
-inline void pack_panel(float* panel, const float* weight, int ldw, int k0, int kc, int n0, int ncols) {
+template <class WR>
+inline void pack_panel(float* panel, const typename WR::T* weight, int ldw, int k0, int kc, int n0, int ncols) {
   constexpr int NB = NV * W;
   for (int k = 0; k < kc; ++k) {
-    const float* src = weight + static_cast<int64_t>(k0 + k) * ldw + n0;
+    const typename WR::T* src = weight + static_cast<int64_t>(k0 + k) * ldw + n0;
     float* dst = panel + k * NB;
-    if (ncols == NB) {
-      for (int j = 0; j < NV; ++j) Vec::store(dst + j * W, Vec::load(src + j * W));
-    } else {
-      for (int j = 0; j < NB; ++j) dst[j] = j < ncols ? src[j] : 0.0f;
+    for (int j = 0; j < NV; ++j) {
+      const int rem = ncols - j * W;
+      Vec::store(dst + j * W, rem >= W ? WR::load(src + j * W) : rem > 0 ? WR::load_partial(src + j * W, rem) : Vec::zero());
     }
   }
 }
@@ -81,8 +104,8 @@ inline void panel_times_rows(float* cbuf, const float* inp, int M, int ldi, int 
 }
 
 // Epilogue, in the other paths' order: sum, + bias, then added to out.
-inline void store_block(float* out, const float* cbuf, const float* bias, int M, int ldo, int n0, int ncols,
-                        bool accumulate) {
+inline void store_block(float* out, const float* cbuf, const float* scales, const float* bias, int M, int ldo, int n0,
+                        int ncols, bool accumulate) {
   constexpr int NB = NV * W;
   for (int i = 0; i < M; ++i) {
     float* o = out + static_cast<int64_t>(i) * ldo + n0;
@@ -91,6 +114,7 @@ inline void store_block(float* out, const float* cbuf, const float* bias, int M,
       const int rem = ncols - j * W;
       if (rem <= 0) break;
       R r = Vec::load(cr + j * W);
+      if (scales) r = Vec::mul(r, rem >= W ? Vec::load(scales + n0 + j * W) : Vec::load_partial(scales + n0 + j * W, rem));
       if (rem >= W) {
         if (bias) r = Vec::add(r, Vec::load(bias + n0 + j * W));
         if (accumulate) r = Vec::add(Vec::load(o + j * W), r);
@@ -105,8 +129,10 @@ inline void store_block(float* out, const float* cbuf, const float* bias, int M,
 }
 
 // Many rows: one column block at a time, its panel reused by all M / MR row tiles.
-inline void packed_blocks(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
-                          int ldi, int ldo, int ldw, int b0, int b1, bool accumulate) {
+template <class WR>
+inline void packed_blocks(float* out, const float* inp, const typename WR::T* weight, const float* scales,
+                          const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
+                          bool accumulate) {
   constexpr int NB = NV * W;
   float* panel = scratch_floats(static_cast<int64_t>(KC) * NB + static_cast<int64_t>(M) * NB, 0);
   float* cbuf = panel + KC * NB;
@@ -114,16 +140,18 @@ inline void packed_blocks(float* out, const float* inp, const float* weight, con
     const int n0 = b * NB, ncols = N - n0 < NB ? N - n0 : NB;
     for (int k0 = 0; k0 < K; k0 += KC) {
       const int kc = K - k0 < KC ? K - k0 : KC;
-      pack_panel(panel, weight, ldw, k0, kc, n0, ncols);
+      pack_panel<WR>(panel, weight, ldw, k0, kc, n0, ncols);
       panel_times_rows(cbuf, inp, M, ldi, k0, kc, panel);
     }
-    store_block(out, cbuf, bias, M, ldo, n0, ncols, accumulate);
+    store_block(out, cbuf, scales, bias, M, ldo, n0, ncols, accumulate);
   }
 }
 
 // Few rows: KC rows of all the thread's blocks are packed together, reading each weight row sequentially.
-inline void packed_wide(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
-                        int ldi, int ldo, int ldw, int b0, int b1, bool accumulate) {
+template <class WR>
+inline void packed_wide(float* out, const float* inp, const typename WR::T* weight, const float* scales,
+                        const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
+                        bool accumulate) {
   constexpr int NB = NV * W;
   const int nb = b1 - b0;
   float* panels = scratch_floats(static_cast<int64_t>(KC) * NB * nb + static_cast<int64_t>(M) * NB * nb, 0);
@@ -133,7 +161,7 @@ inline void packed_wide(float* out, const float* inp, const float* weight, const
     for (int k = 0; k < kc; ++k)
       for (int b = b0; b < b1; ++b) {
         const int n0 = b * NB;
-        pack_panel(panels + static_cast<int64_t>(b - b0) * KC * NB + k * NB, weight, ldw, k0 + k, 1, n0,
+        pack_panel<WR>(panels + static_cast<int64_t>(b - b0) * KC * NB + k * NB, weight, ldw, k0 + k, 1, n0,
                    N - n0 < NB ? N - n0 : NB);
       }
     for (int b = b0; b < b1; ++b)
@@ -142,8 +170,8 @@ inline void packed_wide(float* out, const float* inp, const float* weight, const
   }
   for (int b = b0; b < b1; ++b) {
     const int n0 = b * NB;
-    store_block(out, cbufs + static_cast<int64_t>(b - b0) * M * NB, bias, M, ldo, n0, N - n0 < NB ? N - n0 : NB,
-                accumulate);
+    store_block(out, cbufs + static_cast<int64_t>(b - b0) * M * NB, scales, bias, M, ldo, n0,
+                N - n0 < NB ? N - n0 : NB, accumulate);
   }
 }
 
@@ -156,46 +184,48 @@ constexpr int WIDE_PACK_MAX_M = 64;
 // owns a contiguous range of columns and walks the weight rows in order, four at a time, so every weight
 // byte is read once in long sequential runs; the running sums of its columns stay in L1. Per element this
 // is again the FMA chain k = 0..K-1 from zero, then + bias, then + out, as in the other two paths.
-inline void streaming_columns(float* out, const float* inp, const float* weight, const float* bias, int M, int K,
-                              int ldi, int ldo, int ldw, int c0, int c1, bool accumulate, float* ybuf) {
+template <class WR>
+inline void streaming_columns(float* out, const float* inp, const typename WR::T* weight, const float* scales,
+                              const float* bias, int M, int K, int ldi, int ldo, int ldw, int c0, int c1,
+                              bool accumulate, float* ybuf) {
   const int width = c1 - c0;
   for (int64_t i = 0; i < static_cast<int64_t>(M) * width; ++i) ybuf[i] = 0.0f;
   for (int k = 0; k < K; k += 4) {
     const int kk = K - k < 4 ? K - k : 4;
-    const float* w0 = weight + static_cast<int64_t>(k) * ldw + c0;
+    const typename WR::T* w0 = weight + static_cast<int64_t>(k) * ldw + c0;
     for (int m = 0; m < M; ++m) {
       const float* x = inp + static_cast<int64_t>(m) * ldi + k;
       float* y = ybuf + static_cast<int64_t>(m) * width;
       if (kk == 4) {
         const R x0 = Vec::set1(x[0]), x1 = Vec::set1(x[1]), x2 = Vec::set1(x[2]), x3 = Vec::set1(x[3]);
-        const float *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        const typename WR::T *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
         int j = 0;
         for (; j + W <= width; j += W) {
           R acc = Vec::load(y + j);
-          acc = Vec::fma(x0, Vec::load(w0 + j), acc);
-          acc = Vec::fma(x1, Vec::load(w1 + j), acc);
-          acc = Vec::fma(x2, Vec::load(w2 + j), acc);
-          acc = Vec::fma(x3, Vec::load(w3 + j), acc);
+          acc = Vec::fma(x0, WR::load(w0 + j), acc);
+          acc = Vec::fma(x1, WR::load(w1 + j), acc);
+          acc = Vec::fma(x2, WR::load(w2 + j), acc);
+          acc = Vec::fma(x3, WR::load(w3 + j), acc);
           Vec::store(y + j, acc);
         }
         if (j < width) {
           const int rem = width - j;
           R acc = Vec::load_partial(y + j, rem);
-          acc = Vec::fma(x0, Vec::load_partial(w0 + j, rem), acc);
-          acc = Vec::fma(x1, Vec::load_partial(w1 + j, rem), acc);
-          acc = Vec::fma(x2, Vec::load_partial(w2 + j, rem), acc);
-          acc = Vec::fma(x3, Vec::load_partial(w3 + j, rem), acc);
+          acc = Vec::fma(x0, WR::load_partial(w0 + j, rem), acc);
+          acc = Vec::fma(x1, WR::load_partial(w1 + j, rem), acc);
+          acc = Vec::fma(x2, WR::load_partial(w2 + j, rem), acc);
+          acc = Vec::fma(x3, WR::load_partial(w3 + j, rem), acc);
           Vec::store_partial(y + j, acc, rem);
         }
       } else {
         for (int q = 0; q < kk; ++q) {
           const R xq = Vec::set1(x[q]);
-          const float* wq = w0 + static_cast<int64_t>(q) * ldw;
+          const typename WR::T* wq = w0 + static_cast<int64_t>(q) * ldw;
           int j = 0;
-          for (; j + W <= width; j += W) Vec::store(y + j, Vec::fma(xq, Vec::load(wq + j), Vec::load(y + j)));
+          for (; j + W <= width; j += W) Vec::store(y + j, Vec::fma(xq, WR::load(wq + j), Vec::load(y + j)));
           if (j < width) {
             const int rem = width - j;
-            Vec::store_partial(y + j, Vec::fma(xq, Vec::load_partial(wq + j, rem), Vec::load_partial(y + j, rem)), rem);
+            Vec::store_partial(y + j, Vec::fma(xq, WR::load_partial(wq + j, rem), Vec::load_partial(y + j, rem)), rem);
           }
         }
       }
@@ -205,9 +235,11 @@ inline void streaming_columns(float* out, const float* inp, const float* weight,
     float* o = out + static_cast<int64_t>(m) * ldo + c0;
     const float* y = ybuf + static_cast<int64_t>(m) * width;
     const float* bb = bias ? bias + c0 : nullptr;
+    const float* sc = scales ? scales + c0 : nullptr;
     int j = 0;
     for (; j + W <= width; j += W) {
       R r = Vec::load(y + j);
+      if (sc) r = Vec::mul(r, Vec::load(sc + j));
       if (bb) r = Vec::add(r, Vec::load(bb + j));
       if (accumulate) r = Vec::add(Vec::load(o + j), r);
       Vec::store(o + j, r);
@@ -215,6 +247,7 @@ inline void streaming_columns(float* out, const float* inp, const float* weight,
     if (j < width) {
       const int rem = width - j;
       R r = Vec::load_partial(y + j, rem);
+      if (sc) r = Vec::mul(r, Vec::load_partial(sc + j, rem));
       if (bb) r = Vec::add(r, Vec::load_partial(bb + j, rem));
       if (accumulate) r = Vec::add(Vec::load_partial(o + j, rem), r);
       Vec::store_partial(o + j, r, rem);
@@ -224,9 +257,11 @@ inline void streaming_columns(float* out, const float* inp, const float* weight,
 
 }  // namespace matmul_detail
 
-void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int M, int K, int N,
-                    int ldi, int ldo, int ldw, bool accumulate) {
-  using namespace matmul_detail;
+namespace matmul_detail {
+
+template <class WR>
+void matmul_impl(float* out, const float* inp, const typename WR::T* weight, const float* scales, const float* bias,
+                 int M, int K, int N, int ldi, int ldo, int ldw, bool accumulate) {
   constexpr int NB = NV * W;
   const int nblocks = (N + NB - 1) / NB;
   if (M >= PACK_MIN_M) {
@@ -237,9 +272,9 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
       const int b1 = static_cast<int>(static_cast<int64_t>(nblocks) * (t + 1) / nt);
       if (b1 > b0) {
         if (M <= WIDE_PACK_MAX_M)
-          packed_wide(out, inp, weight, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+          packed_wide<WR>(out, inp, weight, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
         else
-          packed_blocks(out, inp, weight, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+          packed_blocks<WR>(out, inp, weight, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
       }
     }
     return;
@@ -253,22 +288,39 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
     const int c0 = static_cast<int>(static_cast<int64_t>(lines) * t / nt) * 16;
     const int c1 = t + 1 == nt ? N : static_cast<int>(static_cast<int64_t>(lines) * (t + 1) / nt) * 16;
     if (c1 > c0)
-      streaming_columns(out, inp, weight, bias, M, K, ldi, ldo, ldw, c0, c1, accumulate,
+      streaming_columns<WR>(out, inp, weight, scales, bias, M, K, ldi, ldo, ldw, c0, c1, accumulate,
                         scratch_floats(static_cast<int64_t>(M) * (c1 - c0), 0));
+  }
+}
+
+}  // namespace matmul_detail
+
+void matmul_forward(float* out, const float* inp, WeightView w, const float* bias, int M, int K, int N, int ldi,
+                    int ldo, int ldw, bool accumulate) {
+  using namespace matmul_detail;
+  switch (w.dtype) {
+    case DType::f32:
+      return matmul_impl<F32W>(out, inp, static_cast<const float*>(w.data), nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
+    case DType::f16:
+      return matmul_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
+    case DType::bf16:
+      return matmul_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
+    case DType::i8:
+      return matmul_impl<I8W>(out, inp, static_cast<const int8_t*>(w.data), w.scales, bias, M, K, N, ldi, ldo, ldw, accumulate);
   }
 }
 
 namespace matmul_detail {
 
-template <int MR2, int NR>
-inline void nt_tile(float* out, const float* inp, const float* weight, int K, int ldo, int n0) {
+template <class WR, int MR2, int NR>
+inline void nt_tile(float* out, const float* inp, const typename WR::T* weight, const float* scales, int K, int ldo, int n0) {
   R acc[MR2][NR];
   for (int i = 0; i < MR2; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = Vec::zero();
   int k = 0;
   for (; k + W <= K; k += W) {
     R b[NR];
-    for (int j = 0; j < NR; ++j) b[j] = Vec::load(weight + static_cast<int64_t>(n0 + j) * K + k);
+    for (int j = 0; j < NR; ++j) b[j] = WR::load(weight + static_cast<int64_t>(n0 + j) * K + k);
     for (int i = 0; i < MR2; ++i) {
       R a = Vec::load(inp + static_cast<int64_t>(i) * K + k);
       for (int j = 0; j < NR; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
@@ -277,41 +329,57 @@ inline void nt_tile(float* out, const float* inp, const float* weight, int K, in
   if (k < K) {
     const int rem = K - k;
     R b[NR];
-    for (int j = 0; j < NR; ++j) b[j] = Vec::load_partial(weight + static_cast<int64_t>(n0 + j) * K + k, rem);
+    for (int j = 0; j < NR; ++j) b[j] = WR::load_partial(weight + static_cast<int64_t>(n0 + j) * K + k, rem);
     for (int i = 0; i < MR2; ++i) {
       R a = Vec::load_partial(inp + static_cast<int64_t>(i) * K + k, rem);
       for (int j = 0; j < NR; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
     }
   }
   for (int i = 0; i < MR2; ++i)
-    for (int j = 0; j < NR; ++j) out[static_cast<int64_t>(i) * ldo + n0 + j] = Vec::reduce_add(acc[i][j]);
+    for (int j = 0; j < NR; ++j) {
+      const float r = Vec::reduce_add(acc[i][j]);
+      out[static_cast<int64_t>(i) * ldo + n0 + j] = scales ? r * scales[n0 + j] : r;
+    }
 }
 
 constexpr int NT_MR = W == 16 ? 4 : 2;
 constexpr int NT_NR = 4;
 
-template <int mr>
-inline void nt_rows(float* out, const float* inp, const float* weight, int K, int N, int ldo, int n0, int nrows) {
+template <class WR, int mr>
+inline void nt_rows(float* out, const float* inp, const typename WR::T* weight, const float* scales, int K, int ldo,
+                    int n0, int nrows) {
   if (nrows == NT_NR) {
-    nt_tile<mr, NT_NR>(out, inp, weight, K, ldo, n0);
+    nt_tile<WR, mr, NT_NR>(out, inp, weight, scales, K, ldo, n0);
   } else {
-    for (int j = 0; j < nrows; ++j) nt_tile<mr, 1>(out, inp, weight, K, ldo, n0 + j);
+    for (int j = 0; j < nrows; ++j) nt_tile<WR, mr, 1>(out, inp, weight, scales, K, ldo, n0 + j);
   }
 }
 
-}  // namespace matmul_detail
-
-void matmul_nt_forward(float* out, const float* inp, const float* weight, int M, int K, int N, int ldo) {
-  using namespace matmul_detail;
+template <class WR>
+void matmul_nt_impl(float* out, const float* inp, const typename WR::T* weight, const float* scales, int M, int K, int N,
+                    int ldo) {
   const int nblocks = (N + NT_NR - 1) / NT_NR;
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(M) * K * N > 32768)
   for (int b = 0; b < nblocks; ++b) {
     const int n0 = b * NT_NR, nrows = (N - n0 < NT_NR ? N - n0 : NT_NR);
     int m = 0;
     for (; m + NT_MR <= M; m += NT_MR)
-      nt_rows<NT_MR>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, K, N, ldo, n0,
-                     nrows);
+      nt_rows<WR, NT_MR>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, scales, K, ldo,
+                         n0, nrows);
     for (; m < M; ++m)
-      nt_rows<1>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, K, N, ldo, n0, nrows);
+      nt_rows<WR, 1>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, scales, K, ldo, n0,
+                     nrows);
+  }
+}
+
+}  // namespace matmul_detail
+
+void matmul_nt_forward(float* out, const float* inp, WeightView w, int M, int K, int N, int ldo) {
+  using namespace matmul_detail;
+  switch (w.dtype) {
+    case DType::f32: return matmul_nt_impl<F32W>(out, inp, static_cast<const float*>(w.data), nullptr, M, K, N, ldo);
+    case DType::f16: return matmul_nt_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), nullptr, M, K, N, ldo);
+    case DType::bf16: return matmul_nt_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), nullptr, M, K, N, ldo);
+    case DType::i8: return matmul_nt_impl<I8W>(out, inp, static_cast<const int8_t*>(w.data), w.scales, M, K, N, ldo);
   }
 }

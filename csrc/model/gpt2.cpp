@@ -1,5 +1,7 @@
 #include "model/gpt2.h"
 
+#include "cpu/half.h"
+
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -10,6 +12,34 @@
 #endif
 
 namespace gptcpp {
+
+namespace {
+
+// One row of the token embedding table, widened to float32 (int8 rows carry their own scale).
+void embedding_row(float* out, const WeightView& wte, int32_t token, int C) {
+  const int64_t off = static_cast<int64_t>(token) * C;
+  switch (wte.dtype) {
+    case DType::f32: std::memcpy(out, static_cast<const float*>(wte.data) + off, sizeof(float) * C); break;
+    case DType::f16: {
+      const uint16_t* p = static_cast<const uint16_t*>(wte.data) + off;
+      for (int j = 0; j < C; ++j) out[j] = f16_to_f32(p[j]);
+      break;
+    }
+    case DType::bf16: {
+      const uint16_t* p = static_cast<const uint16_t*>(wte.data) + off;
+      for (int j = 0; j < C; ++j) out[j] = bf16_to_f32(p[j]);
+      break;
+    }
+    case DType::i8: {
+      const int8_t* p = static_cast<const int8_t*>(wte.data) + off;
+      const float s = wte.scales[token];
+      for (int j = 0; j < C; ++j) out[j] = static_cast<float>(p[j]) * s;
+      break;
+    }
+  }
+}
+
+}  // namespace
 
 KVCache::KVCache(const GPT2Config& config, int capacity)
     : n_layer_(config.n_layer), n_head_(config.n_head), head_dim_(config.head_dim()), capacity_(capacity) {
@@ -89,10 +119,10 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       item_row0[i] = r;
       const auto& it = items[i];
       for (int t = 0; t < it.n_tokens; ++t, ++r) {
-        const float* te = weights_.wte + static_cast<int64_t>(it.tokens[t]) * C;
         const float* pe = weights_.wpe + static_cast<int64_t>(it.cache->length() + t) * C;
         float* xr = x.data() + static_cast<int64_t>(r) * C;
-        for (int j = 0; j < C; ++j) xr[j] = te[j] + pe[j];
+        embedding_row(xr, weights_.wte, it.tokens[t], C);
+        for (int j = 0; j < C; ++j) xr[j] += pe[j];
       }
     }
   }

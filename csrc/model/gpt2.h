@@ -26,21 +26,26 @@ struct GPT2Config {
   int head_dim() const { return n_embd / n_head; }
 };
 
+// Matrices may be stored as f32, f16, bf16 or int8 (WeightView); norms, biases and wpe are always float32.
 struct LayerWeights {
   const float *ln_1_weight, *ln_1_bias;
-  const float *attn_weight, *attn_bias;  // c_attn: [n_embd, 3 n_embd]
-  const float *attn_proj_weight, *attn_proj_bias;  // attn.c_proj: [n_embd, n_embd]
+  WeightView attn_weight;  // c_attn: [n_embd, 3 n_embd]
+  const float* attn_bias;
+  WeightView attn_proj_weight;  // attn.c_proj: [n_embd, n_embd]
+  const float* attn_proj_bias;
   const float *ln_2_weight, *ln_2_bias;
-  const float *fc_weight, *fc_bias;  // mlp.c_fc: [n_embd, n_inner]
-  const float *mlp_proj_weight, *mlp_proj_bias;  // mlp.c_proj: [n_inner, n_embd]
+  WeightView fc_weight;  // mlp.c_fc: [n_embd, n_inner]
+  const float* fc_bias;
+  WeightView mlp_proj_weight;  // mlp.c_proj: [n_inner, n_embd]
+  const float* mlp_proj_bias;
 };
 
 struct GPT2Weights {
-  const float* wte = nullptr;  // [vocab, n_embd]
+  WeightView wte;  // [vocab, n_embd]; int8 scales are per row (per token)
   const float* wpe = nullptr;  // [n_positions, n_embd]
   std::vector<LayerWeights> layers;
   const float *ln_f_weight = nullptr, *ln_f_bias = nullptr;
-  const float* lm_head = nullptr;  // [vocab, n_embd]; == wte when tied
+  WeightView lm_head;  // [vocab, n_embd]; == wte when tied
 };
 
 // Keys and values of one sequence, per layer and head: keys transposed [head_dim][capacity] (the scores

@@ -10,6 +10,7 @@ from . import _core
 from .config import GPT2Config
 from .generation import (GenerationResult, ScoreResult, TokenLogprob, sampling_dict, validate_options)
 from .loading import load_checkpoint
+from .quantize import check_dtype, convert_tensors
 from .tokenizer import GPT2Tokenizer, IncrementalDecoder
 
 _EARLY_STOPPING = {False: 0, True: 1, "never": 2}
@@ -19,21 +20,26 @@ class GPT2:
     """A GPT-2 checkpoint loaded into the C++ core. Safe to share between threads."""
 
     def __init__(self, config: GPT2Config, tensors: dict, tokenizer: GPT2Tokenizer | None = None,
-                 threads: int | None = None, name: str = "", metadata: dict | None = None):
+                 threads: int | None = None, name: str = "", metadata: dict | None = None, dtype: str = "fp32"):
         self.config = config
         self.tokenizer = tokenizer
         self.name = name
         self.metadata = metadata or {}
-        self.dtype = "fp32"
+        self.dtype = check_dtype(dtype)
         self._tensors = tensors
         self._core = _core.Model(config.core_dict(), tensors)
         self.threads = threads
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, threads: int | None = None) -> "GPT2":
-        """A local directory, a bundled model name (see gptcpp.bundled_models()), or a Hugging Face hub id."""
+    def from_pretrained(cls, name_or_path: str, threads: int | None = None, dtype: str = "fp32") -> "GPT2":
+        """A local directory, a bundled model name (see gptcpp.bundled_models()), or a Hugging Face hub id.
+
+        dtype: the format of the large weight matrices, "fp32" (default; an F32 file is used in place),
+        "fp16", "bf16" or "int8" (converted at load; see gptcpp.quantize)."""
+        check_dtype(dtype)
         directory, cfg, tensors, metadata = load_checkpoint(str(name_or_path))
+        tensors = convert_tensors(tensors, dtype)
         try:
             tok = GPT2Tokenizer.from_directory(directory)
         except FileNotFoundError:
@@ -41,7 +47,7 @@ class GPT2:
         if tok is not None and tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer in {directory} has {tok.vocab_size} tokens but the model's vocab_size "
                              f"is {cfg.vocab_size}")
-        return cls(cfg, tensors, tok, threads=threads, name=str(name_or_path), metadata=metadata)
+        return cls(cfg, tensors, tok, threads=threads, name=str(name_or_path), metadata=metadata, dtype=dtype)
 
     @property
     def threads(self) -> int:
@@ -59,7 +65,11 @@ class GPT2:
         return _core.isa()
 
     def num_parameters(self) -> int:
-        return int(sum(t.size for t in self._tensors.values()))
+        return int(sum(t.size for n, t in self._tensors.items() if not n.endswith(".scale")))
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decoding step reads (all tensors as stored)."""
+        return int(sum(t.nbytes for t in self._tensors.values()))
 
     # ---- tokens ---------------------------------------------------------------------------------------
     def _require_tokenizer(self) -> GPT2Tokenizer:
