@@ -67,18 +67,25 @@ DType dtype_of(const py::array& w, const std::string& name) {
 }
 
 // A weight matrix in its storage format; int8 comes with a float32 "<name>.scale" vector of n_scales
-// per-channel scales.
+// per-channel scales. A [K,N] matrix may come blocked, as an array [ceil(N/64), K, 64] (see kernels.h).
 WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string& name, std::vector<int64_t> shape,
                          int64_t n_scales) {
   if (!tensors.contains(name)) throw std::invalid_argument("missing tensor " + name);
   py::array arr = py::reinterpret_borrow<py::array>(tensors[name.c_str()]);
   if (!(arr.flags() & py::array::c_style)) throw std::invalid_argument("tensor " + name + " must be C-contiguous");
-  if (arr.ndim() != static_cast<py::ssize_t>(shape.size()))
-    throw std::invalid_argument("tensor " + name + " has the wrong number of dimensions");
-  for (size_t i = 0; i < shape.size(); ++i)
-    if (arr.shape(i) != shape[i]) throw std::invalid_argument("tensor " + name + " has the wrong shape");
-  m.keep_alive.push_back(arr);
   WeightView w;
+  if (arr.ndim() == 3 && shape.size() == 2) {
+    const int64_t K = shape[0], N = shape[1];
+    if (arr.shape(0) != (N + kBlockCols - 1) / kBlockCols || arr.shape(1) != K || arr.shape(2) != kBlockCols)
+      throw std::invalid_argument("blocked tensor " + name + " has the wrong shape");
+    w.blocked = true;
+  } else {
+    if (arr.ndim() != static_cast<py::ssize_t>(shape.size()))
+      throw std::invalid_argument("tensor " + name + " has the wrong number of dimensions");
+    for (size_t i = 0; i < shape.size(); ++i)
+      if (arr.shape(i) != shape[i]) throw std::invalid_argument("tensor " + name + " has the wrong shape");
+  }
+  m.keep_alive.push_back(arr);
   w.data = arr.data();
   w.dtype = dtype_of(arr, name);
   if (w.dtype == DType::i8) w.scales = borrow(m, tensors, name + ".scale", {n_scales});
@@ -358,10 +365,16 @@ PYBIND11_MODULE(_core, m) {
   };
   k.def("matmul", [view_of](const std::string& isa, FloatArray inp, py::array weight, py::object bias, FloatArray out,
                             bool accumulate, py::object scales) {
-    const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(weight.shape(1));
-    if (weight.shape(0) != K || out.shape(0) != M || out.shape(1) != N) throw std::invalid_argument("shape mismatch");
+    // weight [K, N], or blocked [ceil(N/64), K, 64]
+    const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(out.shape(1));
+    const bool blocked = weight.ndim() == 3;
+    if (out.shape(0) != M || (blocked ? (weight.shape(0) != (N + kBlockCols - 1) / kBlockCols || weight.shape(1) != K ||
+                                         weight.shape(2) != kBlockCols)
+                                      : (weight.shape(0) != K || weight.shape(1) != N)))
+      throw std::invalid_argument("shape mismatch");
     std::vector<FloatArray> keep;
     WeightView wv = view_of(weight, scales, keep);
+    wv.blocked = blocked;
     FloatArray b = bias.is_none() ? FloatArray() : bias.cast<FloatArray>();
     FloatArray o(out);
     with_isa(isa, [&](const KernelTable& t) {

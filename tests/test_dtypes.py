@@ -5,12 +5,14 @@ import pytest
 
 import gptcpp
 from gptcpp import _core
-from gptcpp.quantize import bf16_to_f32, quantize_int8, to_bf16
+from gptcpp.quantize import bf16_to_f32, from_blocked, quantize_int8, to_bf16, to_blocked
 from conftest import random_gpt2, rng_ids, save
 
 
 def stored(w, dtype):
     """(array the kernel takes, float64 values it represents, scales or None)"""
+    if dtype == "fp32":
+        return w, w.astype(np.float64), None
     if dtype == "fp16":
         h = w.astype(np.float16)
         return h, h.astype(np.float64), None
@@ -21,14 +23,23 @@ def stored(w, dtype):
     return q, q.astype(np.float64), s
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
-@pytest.mark.parametrize("M,K,N", [(1, 37, 53), (3, 64, 100), (8, 100, 77), (70, 33, 130), (1, 768, 96)])
-def test_matmul_formats_against_numpy(isa, dtype, M, K, N):
+def test_blocked_layout_roundtrip():
+    w = np.arange(7 * 130, dtype=np.float32).reshape(7, 130)
+    b = to_blocked(w)
+    assert b.shape == (3, 7, 64) and np.array_equal(from_blocked(b, 130), w) and not b[2, :, 2:].any()
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
+@pytest.mark.parametrize("M,K,N", [(1, 37, 53), (3, 64, 100), (8, 100, 77), (70, 33, 130), (1, 768, 96), (5, 20, 200)])
+def test_matmul_formats_against_numpy(isa, dtype, blocked, M, K, N):
     rng = np.random.default_rng(M * K + N)
     a = rng.standard_normal((M, K), dtype=np.float32)
     w = rng.standard_normal((K, N), dtype=np.float32)
     b = rng.standard_normal(N).astype(np.float32)
     arr, vals, scales = stored(w, dtype)
+    if blocked:
+        arr = to_blocked(arr)
     ref = a.astype(np.float64) @ vals
     if scales is not None:
         ref = ref * scales

@@ -18,7 +18,11 @@ struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::f32;
   const float* scales = nullptr;  // int8 only: one per output channel (per column of [K,N], per row of [N,K])
+  // [K,N] matrices only: false for row-major (ldw apart), true for the blocked layout of matmul.inl
+  // (column blocks of 64, each a contiguous [K][64] run, the last zero-padded).
+  bool blocked = false;
 };
+constexpr int kBlockCols = 64;
 int dtype_size(DType d);
 
 struct KernelTable {

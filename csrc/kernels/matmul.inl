@@ -36,6 +36,9 @@ struct I8W {
   static R load_partial(const T* p, int n) { return Vec::load_i8_partial(p, n); }
 };
 
+// Width of a column block in the blocked weight layout (a multiple of every NB, and 64 int8 = a cache line).
+constexpr int BLOCK_COLS = kBlockCols;
+
 // Register budget: MR*NV accumulators + NV weight vectors + 1 broadcast must fit the register file
 // (16 YMM for AVX2, 32 ZMM for AVX-512).
 constexpr int NV = W == 16 ? 4 : 2;
@@ -71,11 +74,22 @@ inline void packed_tile(float* c, const float* a, int lda, const float* panel, i
 }
 
 // Copies rows k0..k0+kc of columns [n0, n0+ncols) into a KC x NB panel, zero-padding a column tail.
+// Where weight element (k, n) lives: row-major [K][ldw] (the checkpoint's own Conv1D layout, used in place),
+// or blocked: column blocks of BLOCK_COLS, each a contiguous [K][BLOCK_COLS] run, zero-padded at the right
+// edge (the layout narrow formats are converted into at load, so that decoding streams each block
+// front to back). Column n0 .. n0 + NB - 1 with n0 a multiple of NB are contiguous in both.
+template <class T>
+inline const T* weight_at(const T* weight, bool blocked, int K, int ldw, int k, int n0) {
+  if (!blocked) return weight + static_cast<int64_t>(k) * ldw + n0;
+  return weight + (static_cast<int64_t>(n0 / BLOCK_COLS) * K + k) * BLOCK_COLS + n0 % BLOCK_COLS;
+}
+
 template <class WR>
-inline void pack_panel(float* panel, const typename WR::T* weight, int ldw, int k0, int kc, int n0, int ncols) {
+inline void pack_panel(float* panel, const typename WR::T* weight, bool blocked, int K, int ldw, int k0, int kc, int n0,
+                       int ncols) {
   constexpr int NB = NV * W;
   for (int k = 0; k < kc; ++k) {
-    const typename WR::T* src = weight + static_cast<int64_t>(k0 + k) * ldw + n0;
+    const typename WR::T* src = weight_at(weight, blocked, K, ldw, k0 + k, n0);
     float* dst = panel + k * NB;
     for (int j = 0; j < NV; ++j) {
       const int rem = ncols - j * W;
@@ -130,7 +144,7 @@ inline void store_block(float* out, const float* cbuf, const float* scales, cons
 
 // Many rows: one column block at a time, its panel reused by all M / MR row tiles.
 template <class WR>
-inline void packed_blocks(float* out, const float* inp, const typename WR::T* weight, const float* scales,
+inline void packed_blocks(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* scales,
                           const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
                           bool accumulate) {
   constexpr int NB = NV * W;
@@ -140,7 +154,7 @@ inline void packed_blocks(float* out, const float* inp, const typename WR::T* we
     const int n0 = b * NB, ncols = N - n0 < NB ? N - n0 : NB;
     for (int k0 = 0; k0 < K; k0 += KC) {
       const int kc = K - k0 < KC ? K - k0 : KC;
-      pack_panel<WR>(panel, weight, ldw, k0, kc, n0, ncols);
+      pack_panel<WR>(panel, weight, blocked, K, ldw, k0, kc, n0, ncols);
       panel_times_rows(cbuf, inp, M, ldi, k0, kc, panel);
     }
     store_block(out, cbuf, scales, bias, M, ldo, n0, ncols, accumulate);
@@ -149,7 +163,7 @@ inline void packed_blocks(float* out, const float* inp, const typename WR::T* we
 
 // Few rows: KC rows of all the thread's blocks are packed together, reading each weight row sequentially.
 template <class WR>
-inline void packed_wide(float* out, const float* inp, const typename WR::T* weight, const float* scales,
+inline void packed_wide(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* scales,
                         const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
                         bool accumulate) {
   constexpr int NB = NV * W;
@@ -161,7 +175,7 @@ inline void packed_wide(float* out, const float* inp, const typename WR::T* weig
     for (int k = 0; k < kc; ++k)
       for (int b = b0; b < b1; ++b) {
         const int n0 = b * NB;
-        pack_panel<WR>(panels + static_cast<int64_t>(b - b0) * KC * NB + k * NB, weight, ldw, k0 + k, 1, n0,
+        pack_panel<WR>(panels + static_cast<int64_t>(b - b0) * KC * NB + k * NB, weight, blocked, K, ldw, k0 + k, 1, n0,
                    N - n0 < NB ? N - n0 : NB);
       }
     for (int b = b0; b < b1; ++b)
@@ -184,6 +198,68 @@ constexpr int WIDE_PACK_MAX_M = 64;
 // owns a contiguous range of columns and walks the weight rows in order, four at a time, so every weight
 // byte is read once in long sequential runs; the running sums of its columns stay in L1. Per element this
 // is again the FMA chain k = 0..K-1 from zero, then + bias, then + out, as in the other two paths.
+// Streaming path over the blocked layout: each block of BLOCK_COLS columns is one contiguous run that the
+// thread reads front to back, with the running sums of a few rows in registers. Same FMA chain per element.
+template <class WR, int ROWS, int CV>
+inline void blocked_rows(float* out, const float* inp, const typename WR::T* block, const float* scales,
+                         const float* bias, int K, int ldi, int ldo, int n0, int ncols, bool accumulate) {
+  R acc[ROWS][CV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int j = 0; j < CV; ++j) acc[i][j] = Vec::zero();
+  const typename WR::T* wp = block;
+  for (int k = 0; k < K; ++k, wp += BLOCK_COLS) {
+    R b[CV];
+    for (int j = 0; j < CV; ++j) b[j] = WR::load(wp + j * W);
+    for (int i = 0; i < ROWS; ++i) {
+      const R a = Vec::set1(inp[static_cast<int64_t>(i) * ldi + k]);
+      for (int j = 0; j < CV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < ROWS; ++i) {
+    float* o = out + static_cast<int64_t>(i) * ldo + n0;
+    for (int j = 0; j < CV; ++j) {
+      const int rem = ncols - j * W;
+      if (rem <= 0) break;
+      R r = acc[i][j];
+      if (rem >= W) {
+        if (scales) r = Vec::mul(r, Vec::load(scales + n0 + j * W));
+        if (bias) r = Vec::add(r, Vec::load(bias + n0 + j * W));
+        if (accumulate) r = Vec::add(Vec::load(o + j * W), r);
+        Vec::store(o + j * W, r);
+      } else {
+        if (scales) r = Vec::mul(r, Vec::load_partial(scales + n0 + j * W, rem));
+        if (bias) r = Vec::add(r, Vec::load_partial(bias + n0 + j * W, rem));
+        if (accumulate) r = Vec::add(Vec::load_partial(o + j * W, rem), r);
+        Vec::store_partial(o + j * W, r, rem);
+      }
+    }
+  }
+}
+
+template <class WR>
+inline void blocked_streaming(float* out, const float* inp, const typename WR::T* weight, const float* scales,
+                              const float* bias, int M, int K, int N, int ldi, int ldo, int b0, int b1,
+                              bool accumulate) {
+  // A pass covers CV vectors of a block for up to 2 rows, within the register file (16 YMM / 32 ZMM).
+  constexpr int CV = W == 16 ? 4 : 4;
+  constexpr int PASS = CV * W;
+  for (int b = b0; b < b1; ++b) {
+    for (int c = 0; c < BLOCK_COLS; c += PASS) {
+      const int n0 = b * BLOCK_COLS + c;
+      if (n0 >= N) break;
+      const int ncols = N - n0 < PASS ? N - n0 : PASS;
+      const typename WR::T* block = weight + static_cast<int64_t>(b) * K * BLOCK_COLS + c;
+      int m = 0;
+      for (; m + 2 <= M; m += 2)
+        blocked_rows<WR, 2, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block, scales,
+                                bias, K, ldi, ldo, n0, ncols, accumulate);
+      if (m < M)
+        blocked_rows<WR, 1, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block, scales,
+                                bias, K, ldi, ldo, n0, ncols, accumulate);
+    }
+  }
+}
+
 template <class WR>
 inline void streaming_columns(float* out, const float* inp, const typename WR::T* weight, const float* scales,
                               const float* bias, int M, int K, int ldi, int ldo, int ldw, int c0, int c1,
@@ -200,6 +276,31 @@ inline void streaming_columns(float* out, const float* inp, const typename WR::T
         const R x0 = Vec::set1(x[0]), x1 = Vec::set1(x[1]), x2 = Vec::set1(x[2]), x3 = Vec::set1(x[3]);
         const typename WR::T *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
         int j = 0;
+        // Four columns vectors at a time: four independent FMA chains in flight, since each chain itself
+        // must stay in k order.
+        for (; j + 4 * W <= width; j += 4 * W) {
+          R a0 = Vec::load(y + j), a1 = Vec::load(y + j + W), a2 = Vec::load(y + j + 2 * W), a3 = Vec::load(y + j + 3 * W);
+          a0 = Vec::fma(x0, WR::load(w0 + j), a0);
+          a1 = Vec::fma(x0, WR::load(w0 + j + W), a1);
+          a2 = Vec::fma(x0, WR::load(w0 + j + 2 * W), a2);
+          a3 = Vec::fma(x0, WR::load(w0 + j + 3 * W), a3);
+          a0 = Vec::fma(x1, WR::load(w1 + j), a0);
+          a1 = Vec::fma(x1, WR::load(w1 + j + W), a1);
+          a2 = Vec::fma(x1, WR::load(w1 + j + 2 * W), a2);
+          a3 = Vec::fma(x1, WR::load(w1 + j + 3 * W), a3);
+          a0 = Vec::fma(x2, WR::load(w2 + j), a0);
+          a1 = Vec::fma(x2, WR::load(w2 + j + W), a1);
+          a2 = Vec::fma(x2, WR::load(w2 + j + 2 * W), a2);
+          a3 = Vec::fma(x2, WR::load(w2 + j + 3 * W), a3);
+          a0 = Vec::fma(x3, WR::load(w3 + j), a0);
+          a1 = Vec::fma(x3, WR::load(w3 + j + W), a1);
+          a2 = Vec::fma(x3, WR::load(w3 + j + 2 * W), a2);
+          a3 = Vec::fma(x3, WR::load(w3 + j + 3 * W), a3);
+          Vec::store(y + j, a0);
+          Vec::store(y + j + W, a1);
+          Vec::store(y + j + 2 * W, a2);
+          Vec::store(y + j + 3 * W, a3);
+        }
         for (; j + W <= width; j += W) {
           R acc = Vec::load(y + j);
           acc = Vec::fma(x0, WR::load(w0 + j), acc);
@@ -260,8 +361,8 @@ inline void streaming_columns(float* out, const float* inp, const typename WR::T
 namespace matmul_detail {
 
 template <class WR>
-void matmul_impl(float* out, const float* inp, const typename WR::T* weight, const float* scales, const float* bias,
-                 int M, int K, int N, int ldi, int ldo, int ldw, bool accumulate) {
+void matmul_impl(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* scales,
+                 const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, bool accumulate) {
   constexpr int NB = NV * W;
   const int nblocks = (N + NB - 1) / NB;
   if (M >= PACK_MIN_M) {
@@ -272,15 +373,26 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, con
       const int b1 = static_cast<int>(static_cast<int64_t>(nblocks) * (t + 1) / nt);
       if (b1 > b0) {
         if (M <= WIDE_PACK_MAX_M)
-          packed_wide<WR>(out, inp, weight, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+          packed_wide<WR>(out, inp, weight, blocked, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
         else
-          packed_blocks<WR>(out, inp, weight, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+          packed_blocks<WR>(out, inp, weight, blocked, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
       }
     }
     return;
   }
-  // Few rows: threads split the columns into contiguous ranges of whole cache lines.
   const bool parallel = static_cast<int64_t>(M) * K * N > 32768;
+  if (blocked) {  // few rows over the blocked layout: threads split the blocks
+    const int nb = (N + BLOCK_COLS - 1) / BLOCK_COLS;
+#pragma omp parallel if (parallel)
+    {
+      const int nt = thread_count(), t = thread_index();
+      const int b0 = static_cast<int>(static_cast<int64_t>(nb) * t / nt);
+      const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
+      if (b1 > b0) blocked_streaming<WR>(out, inp, weight, scales, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    }
+    return;
+  }
+  // Few rows: threads split the columns into contiguous ranges of whole cache lines.
 #pragma omp parallel if (parallel)
   {
     const int nt = thread_count(), t = thread_index();
@@ -300,13 +412,13 @@ void matmul_forward(float* out, const float* inp, WeightView w, const float* bia
   using namespace matmul_detail;
   switch (w.dtype) {
     case DType::f32:
-      return matmul_impl<F32W>(out, inp, static_cast<const float*>(w.data), nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
+      return matmul_impl<F32W>(out, inp, static_cast<const float*>(w.data), w.blocked, nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
     case DType::f16:
-      return matmul_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
+      return matmul_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
     case DType::bf16:
-      return matmul_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
+      return matmul_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
     case DType::i8:
-      return matmul_impl<I8W>(out, inp, static_cast<const int8_t*>(w.data), w.scales, bias, M, K, N, ldi, ldo, ldw, accumulate);
+      return matmul_impl<I8W>(out, inp, static_cast<const int8_t*>(w.data), w.blocked, w.scales, bias, M, K, N, ldi, ldo, ldw, accumulate);
   }
 }
 

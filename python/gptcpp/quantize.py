@@ -21,6 +21,13 @@ def is_matrix(name: str) -> bool:
     return name in ("wte.weight", "lm_head.weight") or name.endswith(_MATRIX_SUFFIXES)
 
 
+def _to_fp16(name: str, t: np.ndarray) -> np.ndarray:
+    big = float(np.abs(t).max()) if t.size else 0.0
+    if big > 65504:
+        raise ValueError(f"tensor {name!r} has values up to {big:g}, beyond float16's range; use bf16")
+    return t.astype(np.float16)
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -45,6 +52,24 @@ def quantize_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+BLOCK_COLS = 64
+
+
+def to_blocked(w: np.ndarray) -> np.ndarray:
+    """[K, N] -> [ceil(N/64), K, 64]: column blocks, each contiguous, the last zero-padded. Decoding reads
+    each block front to back (see csrc/kernels/matmul.inl)."""
+    K, N = w.shape
+    nb = -(-N // BLOCK_COLS)
+    padded = np.zeros((K, nb * BLOCK_COLS), dtype=w.dtype)
+    padded[:, :N] = w
+    return np.ascontiguousarray(padded.reshape(K, nb, BLOCK_COLS).transpose(1, 0, 2))
+
+
+def from_blocked(b: np.ndarray, n: int) -> np.ndarray:
+    nb, K, _ = b.shape
+    return b.transpose(1, 0, 2).reshape(K, nb * BLOCK_COLS)[:, :n]
+
+
 def convert_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     """float32 tensors -> the same names in `dtype` (int8 adds '<name>.scale' vectors)."""
     check_dtype(dtype)
@@ -54,15 +79,12 @@ def convert_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.
     for name, t in tensors.items():
         if not is_matrix(name):
             out[name] = t
-        elif dtype == "fp16":
-            big = np.abs(t).max() if t.size else 0.0
-            if big > 65504:
-                raise ValueError(f"tensor {name!r} has values up to {big:g}, beyond float16's range; use bf16")
-            out[name] = t.astype(np.float16)
-        elif dtype == "bf16":
-            out[name] = to_bf16(t)
         elif name in ("wte.weight", "lm_head.weight"):
-            out[name] = t.astype(np.float16)
+            # [vocab, n_embd] rows are read whole by the LM head: row-major suits it. int8 keeps it fp16.
+            out[name] = to_bf16(t) if dtype == "bf16" else _to_fp16(name, t)
+        elif dtype == "int8":
+            q, out[name + ".scale"] = quantize_int8(t, 0)  # Conv1D [in, out]: a scale per column
+            out[name] = to_blocked(q)
         else:
-            out[name], out[name + ".scale"] = quantize_int8(t, 0)  # Conv1D [in, out]: a scale per column
+            out[name] = to_blocked(to_bf16(t) if dtype == "bf16" else _to_fp16(name, t))
     return out
