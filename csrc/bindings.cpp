@@ -40,6 +40,7 @@ Activation parse_activation(const std::string& name) {
 struct PyModel {
   std::unique_ptr<GPT2Model> model;
   std::vector<py::object> keep_alive;
+  std::unique_ptr<PrefixCache> prefix_cache;  // null unless enabled
 };
 
 const float* borrow(PyModel& m, const py::dict& tensors, const std::string& name, std::vector<int64_t> shape) {
@@ -173,10 +174,30 @@ py::object finish_name(FinishReason r) {
   }
 }
 
+SpeculationOptions speculation_from(const py::dict& d) {
+  SpeculationOptions o;
+  for (auto item : d) {
+    const std::string k = item.first.cast<std::string>();
+    if (k == "mode") {
+      const std::string m = item.second.cast<std::string>();
+      if (m == "none") o.mode = Speculation::none;
+      else if (m == "draft") o.mode = Speculation::draft;
+      else if (m == "prompt_lookup") o.mode = Speculation::prompt_lookup;
+      else throw std::invalid_argument("unknown speculation mode '" + m + "'");
+    } else if (k == "num_tokens") o.num_tokens = item.second.cast<int>();
+    else if (k == "adaptive") o.adaptive = item.second.cast<bool>();
+    else if (k == "max_ngram") o.max_ngram = item.second.cast<int>();
+    else throw std::invalid_argument("unknown speculation option '" + k + "'");
+  }
+  return o;
+}
+
 struct PyDecoder {
-  std::shared_ptr<PyModel> model;  // keeps the weights alive as long as the decoder
+  std::shared_ptr<PyModel> model, draft;  // keep the weights alive as long as the decoder
   Decoder decoder;
-  explicit PyDecoder(std::shared_ptr<PyModel> m) : model(std::move(m)), decoder(*model->model) {}
+  PyDecoder(std::shared_ptr<PyModel> m, std::shared_ptr<PyModel> d)
+      : model(std::move(m)), draft(std::move(d)),
+        decoder(*model->model, draft ? draft->model.get() : nullptr, model->prefix_cache.get()) {}
 };
 
 float* mutable_data(FloatArray& a) { return a.mutable_data(); }
@@ -231,6 +252,14 @@ PYBIND11_MODULE(_core, m) {
       .def_property("threads", [](const PyModel& p) { return p.model->threads(); },
                     [](PyModel& p, int n) { p.model->set_threads(n); })
       .def("new_cache", [](PyModel& p, int capacity) { return std::make_shared<KVCache>(p.model->config(), capacity); })
+      .def("enable_prefix_cache",
+           [](PyModel& p, int64_t tokens) {
+             p.prefix_cache = tokens > 0 ? std::make_unique<PrefixCache>(p.model->config(), tokens) : nullptr;
+           })
+      .def_property_readonly("prefix_cache_tokens",
+                             [](const PyModel& p) { return p.prefix_cache ? p.prefix_cache->cached_tokens() : 0; })
+      .def_property_readonly("prefix_cache_entries",
+                             [](const PyModel& p) { return p.prefix_cache ? p.prefix_cache->entries() : 0; })
       .def(
           "forward",
           [](PyModel& p, std::vector<std::shared_ptr<KVCache>> caches, std::vector<TokenArray> tokens, bool all_logits,
@@ -238,7 +267,8 @@ PYBIND11_MODULE(_core, m) {
             if (caches.size() != tokens.size()) throw std::invalid_argument("one token array per cache");
             std::vector<ForwardItem> items;
             for (size_t i = 0; i < caches.size(); ++i)
-              items.push_back({caches[i].get(), tokens[i].data(), static_cast<int>(tokens[i].size()), all_logits});
+              items.push_back({caches[i].get(), tokens[i].data(), static_cast<int>(tokens[i].size()),
+                               all_logits ? static_cast<int>(tokens[i].size()) : 1});
             const int64_t rows = GPT2Model::logit_rows(items);
             const auto& c = p.model->config();
             FloatArray logits({rows, static_cast<int64_t>(c.vocab_size)});
@@ -255,14 +285,18 @@ PYBIND11_MODULE(_core, m) {
           py::arg("caches"), py::arg("tokens"), py::arg("all_logits") = true, py::arg("hidden") = false);
 
   py::class_<PyDecoder>(m, "Decoder")
-      .def(py::init<std::shared_ptr<PyModel>>())
+      .def(py::init<std::shared_ptr<PyModel>, std::shared_ptr<PyModel>>(), py::arg("model"), py::arg("draft") = nullptr)
       .def("add",
            [](PyDecoder& d, std::vector<int32_t> prompt, const py::dict& options, int max_new_tokens, int logprobs,
-              uint64_t stream) {
-             return d.decoder.add(std::move(prompt), options_from(options), max_new_tokens, logprobs, stream);
+              uint64_t stream, const py::dict& speculation) {
+             return d.decoder.add(std::move(prompt), options_from(options), max_new_tokens, logprobs, stream,
+                                  speculation_from(speculation));
            },
            py::arg("prompt"), py::arg("options"), py::arg("max_new_tokens"), py::arg("logprobs") = -1,
-           py::arg("stream") = 0)
+           py::arg("stream") = 0, py::arg("speculation") = py::dict())
+      .def_property_readonly("proposed", [](const PyDecoder& d) { return d.decoder.proposed(); })
+      .def_property_readonly("accepted", [](const PyDecoder& d) { return d.decoder.accepted(); })
+      .def_property_readonly("prefix_hits", [](const PyDecoder& d) { return d.decoder.prefix_hits(); })
       .def("step",
            [](PyDecoder& d) {
              std::vector<StepOutput> out;
@@ -274,7 +308,7 @@ PYBIND11_MODULE(_core, m) {
              for (const auto& o : out) {
                py::object lp = py::none();
                if (o.has_logprobs) lp = py::make_tuple(o.logprobs.logprob, o.logprobs.top);
-               res.append(py::make_tuple(o.id, o.token, finish_name(o.finish), lp));
+               res.append(py::make_tuple(o.id, o.token, finish_name(o.finish), lp, o.proposed, o.accepted));
              }
              return res;
            })

@@ -62,7 +62,7 @@ std::vector<BeamHypothesis> beam_search(const GPT2Model& model, const std::vecto
   std::vector<float> logits(static_cast<size_t>(num_beams) * V);
   // Prefill once; every beam starts from the same prompt cache.
   {
-    std::vector<ForwardItem> items{{caches[0].get(), prompt.data(), P, false}};
+    std::vector<ForwardItem> items{{caches[0].get(), prompt.data(), P, 1}};
     model.forward(items, logits.data());
     for (int b = 1; b < num_beams; ++b) {
       caches[b]->copy_prefix_from(*caches[0], P);
@@ -167,7 +167,7 @@ std::vector<BeamHypothesis> beam_search(const GPT2Model& model, const std::vecto
     for (int b = 0; b < num_beams; ++b) spare[b]->copy_prefix_from(*caches[new_parent[b]], cur_len - 1);
     std::swap(caches, spare);
     std::vector<ForwardItem> items;
-    for (int b = 0; b < num_beams; ++b) items.push_back({caches[b].get(), &running[b].tokens.back(), 1, false});
+    for (int b = 0; b < num_beams; ++b) items.push_back({caches[b].get(), &running[b].tokens.back(), 1, 1});
     model.forward(items, logits.data());
   }
   std::vector<BeamHypothesis> out;

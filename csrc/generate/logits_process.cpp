@@ -14,8 +14,10 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+}  // namespace
+
 // Softmax of a row into probs (float, as torch computes it), -inf entries giving 0.
-void softmax(const float* logits, int vocab, std::vector<float>& probs) {
+void softmax_probs(const float* logits, int vocab, std::vector<float>& probs) {
   float mx, lse;
   kernels().logsumexp(logits, vocab, &mx, &lse);
   probs.resize(vocab);
@@ -23,7 +25,20 @@ void softmax(const float* logits, int vocab, std::vector<float>& probs) {
   for (int i = 0; i < vocab; ++i) probs[i] = std::exp(logits[i] - shift);
 }
 
-}  // namespace
+int32_t sample_weights(const float* weights, int vocab, double u) {
+  double total = 0.0;
+  for (int i = 0; i < vocab; ++i) total += weights[i];
+  const double target = u * total;
+  double cum = 0.0;
+  int32_t last_valid = 0;
+  for (int i = 0; i < vocab; ++i) {
+    if (weights[i] <= 0.0f) continue;
+    cum += weights[i];
+    last_valid = i;
+    if (cum > target) return i;
+  }
+  return last_valid;
+}
 
 void apply_penalties(float* logits, int vocab, const int32_t* tokens, int n_tokens, int n_prompt,
                      const SamplingOptions& opt) {
@@ -97,7 +112,7 @@ void top_k_warp(float* logits, int vocab, int top_k, int min_keep) {
 void top_p_warp(float* logits, int vocab, float top_p, int min_keep) {
   if (top_p >= 1.0f) return;
   std::vector<float> probs;
-  softmax(logits, vocab, probs);
+  softmax_probs(logits, vocab, probs);
   // transformers sorts ascending and removes tokens whose cumulative probability is <= 1 - top_p.
   // Equivalently: walk from the most likely token down, keeping tokens while the mass strictly above
   // them, counted from the low end, exceeds 1 - top_p. The low-end sum is done in the ascending order.
@@ -115,7 +130,7 @@ void top_p_warp(float* logits, int vocab, float top_p, int min_keep) {
 void min_p_warp(float* logits, int vocab, float min_p, int min_keep) {
   if (min_p <= 0.0f) return;
   std::vector<float> probs;
-  softmax(logits, vocab, probs);
+  softmax_probs(logits, vocab, probs);
   const float threshold = min_p * *std::max_element(probs.begin(), probs.end());
   std::vector<int> removed;
   int kept = 0;

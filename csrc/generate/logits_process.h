@@ -47,6 +47,10 @@ void typical_warp(float* logits, int vocab, float mass, int min_keep);
 double uniform(uint64_t seed, uint64_t stream, uint64_t counter);
 
 int32_t argmax(const float* logits, int vocab);
+// softmax(logits) into probs (entries at -inf give 0).
+void softmax_probs(const float* logits, int vocab, std::vector<float>& probs);
+// Draws index i with probability weights[i] / sum(weights) using u in [0, 1); weights >= 0.
+int32_t sample_weights(const float* weights, int vocab, double u);
 // Draws from softmax(logits) with the uniform number u.
 int32_t sample_token(const float* logits, int vocab, double u);
 

@@ -80,7 +80,7 @@ GPT2Model::GPT2Model(const GPT2Config& config, const GPT2Weights& weights) : con
 
 int64_t GPT2Model::logit_rows(const std::vector<ForwardItem>& items) {
   int64_t rows = 0;
-  for (const auto& it : items) rows += it.all_logits ? it.n_tokens : 1;
+  for (const auto& it : items) rows += it.n_logits;
   return rows;
 }
 
@@ -90,6 +90,7 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
   int M = 0;
   for (const auto& it : items) {
     if (it.n_tokens <= 0) throw std::invalid_argument("a sequence in the batch has no new tokens");
+    if (it.n_logits < 0 || it.n_logits > it.n_tokens) throw std::invalid_argument("n_logits outside 0..n_tokens");
     const int end = it.cache->length() + it.n_tokens;
     if (end > c.n_positions)
       throw std::length_error("sequence of " + std::to_string(end) + " tokens exceeds n_positions (" +
@@ -173,7 +174,7 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
     int64_t r = 0;
     for (size_t i = 0; i < items.size(); ++i) {
       const auto& it = items[i];
-      const int first = it.all_logits ? 0 : it.n_tokens - 1;
+      const int first = it.n_tokens - it.n_logits;
       for (int t = first; t < it.n_tokens; ++t, ++r)
         std::memcpy(sel + r * C, x.data() + static_cast<int64_t>(item_row0[i] + t) * C, sizeof(float) * C);
     }

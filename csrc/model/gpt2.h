@@ -79,14 +79,14 @@ struct ForwardItem {
   KVCache* cache;
   const int32_t* tokens;
   int n_tokens;
-  bool all_logits;  // logits for every new position, else only the last
+  int n_logits;  // logits for the last n_logits new positions (1: next-token only; n_tokens: all)
 };
 
 class GPT2Model {
  public:
   GPT2Model(const GPT2Config& config, const GPT2Weights& weights);
   const GPT2Config& config() const { return config_; }
-  // Logit rows, in item order: n_tokens rows for an all_logits item, one row otherwise.
+  // Logit rows, in item order: n_logits rows per item.
   static int64_t logit_rows(const std::vector<ForwardItem>& items);
   // Runs the items' new tokens through the model, appending to their caches, and writes logit rows
   // [logit_rows(items), vocab] into logits. Throws std::invalid_argument (bad token id) or

@@ -11,6 +11,8 @@ DEFAULTS = {
     "frequency_penalty": 0.0, "no_repeat_ngram_size": 0, "num_beams": 1, "length_penalty": 1.0,
     "early_stopping": False, "num_return_sequences": 1, "eos_token_id": None, "bad_words_ids": None,
     "logit_bias": None, "stop": None, "seed": None, "logprobs": None,
+    "assistant_model": None, "num_assistant_tokens": 5, "num_assistant_tokens_schedule": "heuristic",
+    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": 3,
 }
 
 
@@ -30,6 +32,8 @@ class GenerationResult:
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None  # beam search: the hypothesis' length-penalised score
+    proposed_tokens: int = 0  # speculative decoding: tokens proposed for this sequence
+    accepted_tokens: int = 0  # ... and accepted by the model
 
 
 @dataclass
@@ -126,11 +130,32 @@ def validate_options(options: dict, vocab_size: int, default_eos: list[int]) -> 
     if o["seed"] is None:
         o["seed"] = int.from_bytes(os.urandom(8), "little") >> 1
     _number("seed", o["seed"], lo=0, hi=2**64 - 1, integer=True)
+    _number("num_assistant_tokens", o["num_assistant_tokens"], lo=1, hi=64, integer=True)
+    if o["num_assistant_tokens_schedule"] not in ("heuristic", "constant"):
+        raise ValueError("num_assistant_tokens_schedule must be 'heuristic' or 'constant'")
+    if o["prompt_lookup_num_tokens"] is not None:
+        _number("prompt_lookup_num_tokens", o["prompt_lookup_num_tokens"], lo=1, hi=64, integer=True)
+    _number("max_matching_ngram_size", o["max_matching_ngram_size"], lo=1, hi=16, integer=True)
+    if o["assistant_model"] is not None and o["prompt_lookup_num_tokens"] is not None:
+        raise ValueError("assistant_model and prompt_lookup_num_tokens cannot be combined")
+    if (o["assistant_model"] is not None or o["prompt_lookup_num_tokens"] is not None) and o["num_beams"] > 1:
+        raise ValueError("assistant_model / prompt_lookup_num_tokens work with num_beams=1")
     if o["logprobs"] is not None:
         if o["logprobs"] is True:
             o["logprobs"] = 0
         _number("logprobs", o["logprobs"], lo=0, hi=20, integer=True)
     return o
+
+
+def speculation_dict(o: dict) -> dict:
+    """How the C++ step proposes tokens for a sequence."""
+    if o["assistant_model"] is not None:
+        return {"mode": "draft", "num_tokens": int(o["num_assistant_tokens"]),
+                "adaptive": o["num_assistant_tokens_schedule"] == "heuristic"}
+    if o["prompt_lookup_num_tokens"] is not None:
+        return {"mode": "prompt_lookup", "num_tokens": int(o["prompt_lookup_num_tokens"]), "adaptive": False,
+                "max_ngram": int(o["max_matching_ngram_size"])}
+    return {}
 
 
 def sampling_dict(o: dict) -> dict:

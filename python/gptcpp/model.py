@@ -8,7 +8,8 @@ import numpy as np
 
 from . import _core
 from .config import GPT2Config
-from .generation import (GenerationResult, ScoreResult, TokenLogprob, sampling_dict, validate_options)
+from .generation import (GenerationResult, ScoreResult, TokenLogprob, sampling_dict, speculation_dict,
+                         validate_options)
 from .loading import load_checkpoint
 from .quantize import check_dtype, convert_tensors
 from .tokenizer import GPT2Tokenizer, IncrementalDecoder
@@ -32,11 +33,14 @@ class GPT2:
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, threads: int | None = None, dtype: str = "fp32") -> "GPT2":
+    def from_pretrained(cls, name_or_path: str, threads: int | None = None, dtype: str = "fp32",
+                        prefix_cache_tokens: int = 0) -> "GPT2":
         """A local directory, a bundled model name (see gptcpp.bundled_models()), or a Hugging Face hub id.
 
         dtype: the format of the large weight matrices, "fp32" (default; an F32 file is used in place),
-        "fp16", "bf16" or "int8" (converted at load; see gptcpp.quantize)."""
+        "fp16", "bf16" or "int8" (converted at load; see gptcpp.quantize).
+        prefix_cache_tokens: keep the KV cache of recent prompts, up to this many tokens in all (least
+        recently used evicted), so that prompts sharing a prefix skip its prefill; results are bit-identical."""
         check_dtype(dtype)
         directory, cfg, tensors, metadata = load_checkpoint(str(name_or_path))
         tensors = convert_tensors(tensors, dtype)
@@ -47,7 +51,20 @@ class GPT2:
         if tok is not None and tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer in {directory} has {tok.vocab_size} tokens but the model's vocab_size "
                              f"is {cfg.vocab_size}")
-        return cls(cfg, tensors, tok, threads=threads, name=str(name_or_path), metadata=metadata, dtype=dtype)
+        model = cls(cfg, tensors, tok, threads=threads, name=str(name_or_path), metadata=metadata, dtype=dtype)
+        model.enable_prefix_cache(prefix_cache_tokens)
+        return model
+
+    def enable_prefix_cache(self, tokens: int) -> None:
+        """Keeps the KV cache of recent prompt prefixes within `tokens` cached tokens (0 turns it off)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be a non-negative integer, got {tokens!r}")
+        self._core.enable_prefix_cache(tokens)
+
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens currently held by the prefix cache."""
+        return self._core.prefix_cache_tokens
 
     @property
     def threads(self) -> int:
@@ -244,11 +261,13 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class _Seq:
-    __slots__ = ("prompt_idx", "ids", "prompt", "tokens", "logprobs", "finish", "decoder", "emitted")
+    __slots__ = ("prompt_idx", "ids", "prompt", "tokens", "logprobs", "finish", "decoder", "emitted", "proposed",
+                 "accepted")
 
     def __init__(self, prompt_idx, prompt, decoder):
         self.prompt_idx, self.prompt, self.decoder = prompt_idx, prompt, decoder
         self.tokens, self.logprobs, self.finish, self.emitted = [], None, None, 0
+        self.proposed = self.accepted = 0
 
 
 class _Run:
@@ -256,13 +275,21 @@ class _Run:
 
     def __init__(self, model: GPT2, prompts: list[list[int]], o: dict):
         self.model, self.o = model, o
-        self.dec = _core.Decoder(model._core)
+        draft = o["assistant_model"]
+        if draft is not None:
+            if not isinstance(draft, GPT2):
+                raise ValueError("assistant_model must be a gptcpp.GPT2")
+            if draft.config.vocab_size != model.config.vocab_size:
+                raise ValueError(f"assistant_model has vocab_size {draft.config.vocab_size}, the model "
+                                 f"{model.config.vocab_size}: they must share a vocabulary")
+        self.dec = _core.Decoder(model._core, draft._core if draft is not None else None)
+        spec = speculation_dict(o)
         opts = sampling_dict(o)
         logprobs = -1 if o["logprobs"] is None else o["logprobs"]
         self.order, self.seqs = [], {}
         for pi, ids in enumerate(prompts):
             for r in range(o["num_return_sequences"]):
-                sid = self.dec.add(ids, opts, o["max_new_tokens"], logprobs, r)
+                sid = self.dec.add(ids, opts, o["max_new_tokens"], logprobs, r, spec)
                 seq = _Seq(pi, ids, IncrementalDecoder(model.tokenizer) if model.tokenizer else None)
                 if logprobs >= 0:
                     seq.logprobs = []
@@ -274,11 +301,12 @@ class _Run:
         stops = self.o["stop"]
         tok = self.model.tokenizer
         while self.dec.live:
-            for sid, token, finish, lp in self.dec.step():
+            for sid, token, finish, lp, proposed, accepted in self.dec.step():
                 seq = self.seqs[sid]
                 if seq.finish is not None:
                     continue
                 seq.tokens.append(token)
+                seq.proposed, seq.accepted = proposed, accepted
                 if lp is not None:
                     chosen, top = lp
                     name = tok.id_to_token if tok else (lambda i: None)
@@ -319,5 +347,6 @@ class _Run:
             if s.finish == "stop":
                 text = _cut_at_stop(text, self.o["stop"])[0]
             out[s.prompt_idx].append(GenerationResult(text=text, token_ids=s.tokens, finish_reason=s.finish or "length",
-                                                      prompt_token_ids=s.prompt, logprobs=s.logprobs))
+                                                      prompt_token_ids=s.prompt, logprobs=s.logprobs,
+                                                      proposed_tokens=s.proposed, accepted_tokens=s.accepted))
         return out
