@@ -215,6 +215,7 @@ void with_isa(const std::string& isa, F&& f) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "gptcpp C++ core";
+  selected_isa();  // a GPTCPP_ISA the CPU cannot run fails the import with its reason, not a crash later
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

@@ -63,7 +63,17 @@ CpuFeatures detect() {
   return f;
 }
 
+// GPTCPP_HIDE_ISA=avx512[,avx2]: treat those levels as missing, so that the refusal of a level the CPU
+// lacks can be tested on any machine.
+bool hidden(Isa isa) {
+  const char* env = std::getenv("GPTCPP_HIDE_ISA");
+  if (env == nullptr) return false;
+  std::string list = std::string(",") + env + ",";
+  return list.find(std::string(",") + isa_name(isa) + ",") != std::string::npos;
+}
+
 bool supports(const CpuFeatures& f, Isa isa) {
+  if (isa != Isa::generic && hidden(isa)) return false;
   switch (isa) {
     case Isa::generic: return true;
     case Isa::avx2: return f.avx2 && f.fma && f.f16c;
