@@ -162,25 +162,29 @@ inline void packed_blocks(float* out, const float* inp, const typename WR::T* we
 }
 
 // Few rows: KC rows of all the thread's blocks are packed together, reading each weight row sequentially.
+// Rows per chunk in the wide variant: the thread's panels for one chunk stay well inside L2.
+constexpr int KC_WIDE = 32;
+
 template <class WR>
 inline void packed_wide(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* scales,
                         const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
                         bool accumulate) {
   constexpr int NB = NV * W;
   const int nb = b1 - b0;
-  float* panels = scratch_floats(static_cast<int64_t>(KC) * NB * nb + static_cast<int64_t>(M) * NB * nb, 0);
-  float* cbufs = panels + static_cast<int64_t>(KC) * NB * nb;
-  for (int k0 = 0; k0 < K; k0 += KC) {
-    const int kc = K - k0 < KC ? K - k0 : KC;
+  // Panels sit PS floats apart: a power-of-two stride would map the same row of every panel to one L1 set.
+  constexpr int64_t PS = static_cast<int64_t>(KC_WIDE) * NB + 16;
+  float* panels = scratch_floats(PS * nb + static_cast<int64_t>(M) * NB * nb, 0);
+  float* cbufs = panels + PS * nb;
+  for (int k0 = 0; k0 < K; k0 += KC_WIDE) {
+    const int kc = K - k0 < KC_WIDE ? K - k0 : KC_WIDE;
     for (int k = 0; k < kc; ++k)
       for (int b = b0; b < b1; ++b) {
         const int n0 = b * NB;
-        pack_panel<WR>(panels + static_cast<int64_t>(b - b0) * KC * NB + k * NB, weight, blocked, K, ldw, k0 + k, 1, n0,
+        pack_panel<WR>(panels + (b - b0) * PS + k * NB, weight, blocked, K, ldw, k0 + k, 1, n0,
                    N - n0 < NB ? N - n0 : NB);
       }
     for (int b = b0; b < b1; ++b)
-      panel_times_rows(cbufs + static_cast<int64_t>(b - b0) * M * NB, inp, M, ldi, k0, kc,
-                       panels + static_cast<int64_t>(b - b0) * KC * NB);
+      panel_times_rows(cbufs + static_cast<int64_t>(b - b0) * M * NB, inp, M, ldi, k0, kc, panels + (b - b0) * PS);
   }
   for (int b = b0; b < b1; ++b) {
     const int n0 = b * NB;
