@@ -88,3 +88,16 @@ def test_gpt2_124m_shape(tmp_path, isa):
     ids = rng_ids(48, 50257, seed=1)
     err = np.abs(model.logits(ids) - torch_logits(ref_model, ids)).max()
     assert err <= 1e-4, err
+
+
+def test_logits_bit_identical_for_any_thread_count(checkpoints, isa):
+    """No reduction is split across threads, and threads split work in whole tiles or column blocks."""
+    _, path = checkpoints["deep-narrow-heads"]
+    model = gptcpp.GPT2.from_pretrained(path)
+    ids = rng_ids(100, model.config.vocab_size, seed=5)
+    results = []
+    for threads in (1, 2, 3, 5, 16):
+        model.threads = threads
+        results.append(model.logits(ids))
+    model.threads = None
+    assert all(np.array_equal(results[0], r) for r in results[1:])

@@ -375,11 +375,26 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
       const int nt = thread_count(), t = thread_index();
       const int b0 = static_cast<int>(static_cast<int64_t>(nblocks) * t / nt);
       const int b1 = static_cast<int>(static_cast<int64_t>(nblocks) * (t + 1) / nt);
-      if (b1 > b0) {
-        if (M <= WIDE_PACK_MAX_M)
+      if (M <= WIDE_PACK_MAX_M) {
+        if (b1 > b0)
           packed_wide<WR>(out, inp, weight, blocked, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
-        else
+      } else if (nblocks >= 2 * nt) {
+        if (b1 > b0)
           packed_blocks<WR>(out, inp, weight, blocked, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+      } else {
+        // Too few column blocks to keep every thread busy (many threads, narrow matrix): split the rows as
+        // well, into groups of whole MR tiles. A row's arithmetic does not depend on its group.
+        const int mgroups = (2 * nt + nblocks - 1) / nblocks;
+        const int tiles = (M + MR - 1) / MR;
+        const int tasks = nblocks * mgroups;
+        for (int task = t; task < tasks; task += nt) {
+          const int b = task % nblocks, g = task / nblocks;
+          const int m0 = static_cast<int>(static_cast<int64_t>(tiles) * g / mgroups) * MR;
+          const int m1 = (M < static_cast<int>(static_cast<int64_t>(tiles) * (g + 1) / mgroups) * MR ? M : static_cast<int>(static_cast<int64_t>(tiles) * (g + 1) / mgroups) * MR);
+          if (m1 > m0)
+            packed_blocks<WR>(out + static_cast<int64_t>(m0) * ldo, inp + static_cast<int64_t>(m0) * ldi, weight,
+                              blocked, scales, bias, m1 - m0, K, N, ldi, ldo, ldw, b, b + 1, accumulate);
+        }
       }
     }
     return;

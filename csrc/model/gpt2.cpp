@@ -2,6 +2,7 @@
 
 #include "cpu/half.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -127,7 +128,16 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       }
     }
   }
-  const int n_units = static_cast<int>(items.size()) * H;
+  // Attention work units: (sequence, head, chunk of query rows). Chunks match the kernel's own row chunking,
+  // so splitting here changes no arithmetic; it only gives many threads enough units for one long prompt.
+  constexpr int kRowsPerUnit = 64;
+  struct Unit { int item, head, t0, rows; };
+  std::vector<Unit> units;
+  for (size_t i = 0; i < items.size(); ++i)
+    for (int h = 0; h < H; ++h)
+      for (int t0 = 0; t0 < items[i].n_tokens; t0 += kRowsPerUnit)
+        units.push_back({static_cast<int>(i), h, t0, std::min(kRowsPerUnit, items[i].n_tokens - t0)});
+  const int n_units = static_cast<int>(units.size());
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& w = weights_.layers[l];
     K.layernorm_forward(ln.data(), x.data(), w.ln_1_weight, w.ln_1_bias, M, C, c.layer_norm_epsilon);
@@ -152,12 +162,12 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
     if (c.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
 #pragma omp parallel for schedule(dynamic, 1) if (n_units > 1)
     for (int u = 0; u < n_units; ++u) {
-      const int i = u / H, h = u % H;
-      const auto& it = items[i];
-      const int64_t r0 = item_row0[i];
-      K.attention_forward(att.data() + r0 * C + h * hd, qkv.data() + r0 * 3 * C + h * hd, it.cache->keys(l, h),
-                          it.cache->values(l, h), it.n_tokens, it.cache->length(), hd, 3 * C, C,
-                          it.cache->capacity(), scale);
+      const Unit& un = units[u];
+      const auto& it = items[un.item];
+      const int64_t r0 = item_row0[un.item] + un.t0;
+      K.attention_forward(att.data() + r0 * C + un.head * hd, qkv.data() + r0 * 3 * C + un.head * hd,
+                          it.cache->keys(l, un.head), it.cache->values(l, un.head), un.rows,
+                          it.cache->length() + un.t0, hd, 3 * C, C, it.cache->capacity(), scale);
     }
     K.matmul_forward(x.data(), att.data(), w.attn_proj_weight, w.attn_proj_bias, M, C, C, C, C, C, true);
     K.layernorm_forward(ln.data(), x.data(), w.ln_2_weight, w.ln_2_bias, M, C, c.layer_norm_epsilon);
