@@ -115,3 +115,23 @@ def test_generation_features_work_at_every_dtype(outlier_model, dtype):
 def test_unknown_dtype_is_refused(outlier_model):
     with pytest.raises(ValueError, match="dtype"):
         gptcpp.GPT2.from_pretrained(outlier_model, dtype="int3")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
+def test_quantized_checkpoint_loads_without_conversion(outlier_model, tmp_path, dtype):
+    from gptcpp.quantize import save_quantized
+    dst = save_quantized(outlier_model, str(tmp_path / dtype), dtype)
+    converted = gptcpp.GPT2.from_pretrained(outlier_model, dtype=dtype)
+    stored = gptcpp.GPT2.from_pretrained(dst)
+    assert stored.dtype == dtype
+    ids = rng_ids(40, 400, seed=2)
+    assert np.array_equal(stored.logits(ids), converted.logits(ids))  # same numbers, bit for bit
+    # weights are views of the mapped file, not copies
+    big = stored._tensors["h.0.mlp.c_fc.weight"]
+    assert not big.flags.owndata
+    assert gptcpp.GPT2.from_pretrained(dst, dtype=dtype).dtype == dtype
+    other = "fp16" if dtype != "fp16" else "bf16"
+    with pytest.raises(ValueError, match=f"holds {dtype} weights"):
+        gptcpp.GPT2.from_pretrained(dst, dtype=other)
+    with pytest.raises(ValueError, match="already a gptcpp"):
+        save_quantized(dst, str(tmp_path / "again"), "int8")

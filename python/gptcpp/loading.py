@@ -17,6 +17,8 @@ from .config import GPT2Config, load_config
 BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "bundled")
 
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
+# Only in checkpoints written by gptcpp.quantize (bf16 bits are stored as U16 there).
+_RAW_DTYPES = {**_DTYPES, "I8": (np.int8, 1), "U16": (np.uint16, 2)}
 # Buffers some GPT-2 checkpoints carry that are not weights.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -100,17 +102,22 @@ class SafetensorsFile:
                                       f"of a {size}-byte file")
             self.entries[name] = (dtype, shape, data_start + begin, data_start + end)
 
-    def tensor(self, name: str) -> np.ndarray:
-        """The tensor as float32: a view of the mapping for F32, a converted copy for F16 / BF16."""
+    def raw(self, name: str, allowed=_RAW_DTYPES) -> np.ndarray:
+        """The tensor as stored: a view of the mapping, no copy."""
         dtype, shape, begin, end = self.entries[name]
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
-        np_dtype, itemsize = _DTYPES[dtype]
+        if dtype not in allowed:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(allowed)}")
+        np_dtype, itemsize = allowed[dtype]
         count = int(np.prod(shape)) if shape else 1
         if (end - begin) != count * itemsize:
             raise CheckpointError(f"{self.path}: tensor {name!r} holds {end - begin} bytes, but {dtype} {shape} "
                                   f"needs {count * itemsize}")
-        raw = self._buffer[begin:end].view(np_dtype).reshape(shape)
+        return self._buffer[begin:end].view(np_dtype).reshape(shape)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The tensor as float32: a view of the mapping for F32, a converted copy for F16 / BF16."""
+        dtype = self.entries[name][0]
+        raw = self.raw(name, _DTYPES)
         if dtype == "F32":
             return raw
         if dtype == "F16":
@@ -170,16 +177,28 @@ def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
 
 
 def load_weights(directory: str, cfg: GPT2Config) -> tuple[dict[str, np.ndarray], dict]:
-    """float32 arrays under the C++ model's names, checked against the config; and the files' metadata."""
+    """Arrays under the C++ model's names, checked against the config; and the files' metadata.
+
+    A Hugging Face checkpoint gives float32 arrays (F32 used in place). A checkpoint written by
+    gptcpp.quantize (metadata "gptcpp.dtype") gives its stored arrays as they are: blocked matrices, scales."""
     files = _checkpoint_files(directory)
+    metadata = {}
+    for f in {id(f): f for f in files.values()}.values():
+        metadata.update(f.metadata)
     by_name = {}
     for name, f in files.items():
         canon = _canonical(name)
         if canon.endswith(_IGNORED_SUFFIXES):
             continue
         by_name.setdefault(canon, (f, name))
+    stored = metadata.get("gptcpp.dtype")
+    if stored is not None:
+        from .quantize import stored_shapes  # the layouts gptcpp writes
+        expected = stored_shapes(cfg, stored)
+    else:
+        expected = {n: (s, None) for n, s in expected_shapes(cfg).items()}
     tensors = {}
-    for canon, shape in expected_shapes(cfg).items():
+    for canon, (shape, np_dtype) in expected.items():
         if canon not in by_name:
             raise CheckpointError(f"{directory}: tensor {canon!r} is missing from the checkpoint")
         f, name = by_name[canon]
@@ -187,11 +206,14 @@ def load_weights(directory: str, cfg: GPT2Config) -> tuple[dict[str, np.ndarray]
         if got != shape:
             raise CheckpointError(f"{directory}: tensor {name!r} has shape {list(got)}, but config.json implies "
                                   f"{list(shape)}")
-        arr = f.tensor(name)
+        if np_dtype is None:
+            arr = f.tensor(name)
+        else:
+            arr = f.raw(name)
+            if arr.dtype != np_dtype:
+                raise CheckpointError(f"{directory}: tensor {name!r} is {arr.dtype}, but a {stored} checkpoint "
+                                      f"stores it as {np.dtype(np_dtype)}")
         tensors[canon] = np.ascontiguousarray(arr)
-    metadata = {}
-    for f in {id(f): f for f, _ in by_name.values()}.values():
-        metadata.update(f.metadata)
     return tensors, metadata
 
 

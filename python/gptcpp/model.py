@@ -33,17 +33,28 @@ class GPT2:
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, threads: int | None = None, dtype: str = "fp32",
+    def from_pretrained(cls, name_or_path: str, threads: int | None = None, dtype: str | None = None,
                         prefix_cache_tokens: int = 0) -> "GPT2":
         """A local directory, a bundled model name (see gptcpp.bundled_models()), or a Hugging Face hub id.
 
-        dtype: the format of the large weight matrices, "fp32" (default; an F32 file is used in place),
-        "fp16", "bf16" or "int8" (converted at load; see gptcpp.quantize).
+        dtype: the format of the large weight matrices, "fp32" (an F32 file is used in place), "fp16",
+        "bf16" or "int8" (converted at load; see gptcpp.quantize). None (the default) means fp32 for a
+        Hugging Face checkpoint and the stored format for one written by `gptcpp quantize`, which loads
+        without conversion; asking such a checkpoint for another format is an error.
         prefix_cache_tokens: keep the KV cache of recent prompts, up to this many tokens in all (least
         recently used evicted), so that prompts sharing a prefix skip its prefill; results are bit-identical."""
-        check_dtype(dtype)
+        if dtype is not None:
+            check_dtype(dtype)
         directory, cfg, tensors, metadata = load_checkpoint(str(name_or_path))
-        tensors = convert_tensors(tensors, dtype)
+        stored = metadata.get("gptcpp.dtype")
+        if stored is not None:
+            if dtype not in (None, stored):
+                raise ValueError(f"{name_or_path} holds {stored} weights written by gptcpp quantize; load it with "
+                                 f"dtype={stored!r} (or none), or quantize the original checkpoint to {dtype}")
+            dtype = stored
+        else:
+            dtype = dtype or "fp32"
+            tensors = convert_tensors(tensors, dtype)
         try:
             tok = GPT2Tokenizer.from_directory(directory)
         except FileNotFoundError:

@@ -88,3 +88,59 @@ def convert_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.
         else:
             out[name] = to_blocked(to_bf16(t) if dtype == "bf16" else _to_fp16(name, t))
     return out
+
+
+# ---- checkpoints in a smaller format -----------------------------------------------------------------
+
+FORMAT_VERSION = "1"
+
+
+def stored_shapes(cfg, dtype: str) -> dict:
+    """name -> (shape, numpy dtype) of every tensor in a checkpoint written by save_quantized."""
+    from .loading import expected_shapes
+    if dtype not in DTYPES or dtype == "fp32":
+        raise ValueError(f"unknown gptcpp.dtype {dtype!r} in the checkpoint's metadata")
+    narrow = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}[dtype]
+    table = np.uint16 if dtype == "bf16" else np.float16
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name in ("wte.weight", "lm_head.weight"):
+            out[name] = (shape, table)
+        elif is_matrix(name):
+            K, N = shape
+            out[name] = ((-(-N // BLOCK_COLS), K, BLOCK_COLS), narrow)
+            if dtype == "int8":
+                out[name + ".scale"] = ((N,), np.float32)
+        else:
+            out[name] = (shape, np.float32)
+    return out
+
+
+def save_quantized(src: str, dst: str, dtype: str) -> str:
+    """Writes `src` (a checkpoint directory, bundled name or hub id) converted to `dtype` into directory
+    `dst`: model.safetensors in the layout the kernels read (so loading needs no conversion), with
+    metadata gptcpp.dtype, plus config.json and the tokenizer files. Returns dst."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from .loading import load_checkpoint
+
+    check_dtype(dtype)
+    if dtype == "fp32":
+        raise ValueError("quantize writes fp16, bf16 or int8; an fp32 checkpoint is the original")
+    directory, cfg, tensors, metadata = load_checkpoint(src)
+    if metadata.get("gptcpp.dtype"):
+        raise ValueError(f"{src} is already a gptcpp {metadata['gptcpp.dtype']} checkpoint; quantize the original")
+    converted = convert_tensors(tensors, dtype)
+    os.makedirs(dst, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in converted.items()}, os.path.join(dst, "model.safetensors"),
+              metadata={"format": "gptcpp", "gptcpp.dtype": dtype, "gptcpp.format_version": FORMAT_VERSION})
+    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({**cfg.extra, **cfg.to_dict(), "model_type": "gpt2"}, f, indent=2)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "generation_config.json"):
+        if os.path.isfile(os.path.join(directory, name)):
+            shutil.copy(os.path.join(directory, name), os.path.join(dst, name))
+    return dst
