@@ -214,14 +214,15 @@ class GPT2:
         return out
 
     # ---- scoring ----------------------------------------------------------------------------------------
-    def score(self, text_or_texts, stride: int | None = None, chunk: int = 256):
+    def score(self, text_or_texts, stride: int | None = None, chunk: int = 256, progress=None):
         """Per-token log-probabilities, total log-likelihood and perplexity of a text (or list of texts).
 
         Token i is scored given tokens 0..i-1 (the first token is not scored), as transformers' loss with
         labels=input_ids. A text longer than the context is scored with a sliding window that moves by
-        `stride` tokens (default half the context), each token scored once with as much context as fits."""
+        `stride` tokens (default half the context), each token scored once with as much context as fits.
+        progress, if given, is called with the number of tokens done so far."""
         if isinstance(text_or_texts, (list, tuple)) and text_or_texts and not isinstance(text_or_texts[0], (int, np.integer)):
-            return [self.score(t, stride=stride, chunk=chunk) for t in text_or_texts]
+            return [self.score(t, stride=stride, chunk=chunk, progress=progress) for t in text_or_texts]
         if isinstance(text_or_texts, str):
             ids = self._require_tokenizer().encode(text_or_texts)
         else:
@@ -248,9 +249,11 @@ class GPT2:
                     if scored_to <= target < end:
                         logprobs[target] = float(logits[r, ids[target]] - lse[r])
             scored_to = end
+            if progress is not None:
+                progress(end)
             if end == len(ids):
                 break
-            begin = max(begin + stride, end - n_ctx + 1) if end - begin >= n_ctx else begin + stride
+            begin += stride
         vals = [v for v in logprobs if v is not None]
         return ScoreResult(token_ids=ids, token_logprobs=logprobs, total_logprob=float(sum(vals)), n_scored=len(vals))
 
