@@ -1,0 +1,301 @@
+"""`gptcpp bench`: throughput beside the machine's own limits and the peers, in one run.
+
+Measures, for a thread count: prefill of a 512-token prompt (pp512, only the last position's logits),
+decode of 128 tokens at batch 1 (tg128) and at batch 16, load time and peak RSS; and in the same run the
+machine's limits: memory read bandwidth (a C++ probe, at the start and the end, best used) and numpy's fp32
+GEMM on the model's shapes (in a subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset, so OpenBLAS
+picks its best kernel). Contenders are interleaved (A B A B ...) and the best of --repeat runs is kept.
+Peers, when installed: transformers (PyTorch) and CTranslate2 on the same weights."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SHAPES = {"gpt2": dict(n_embd=768, n_layer=12, n_head=12), "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gptcpp", "bench")
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="throughput against the machine's limits and the peers")
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a checkpoint directory (default: random weights of --shape)")
+    p.add_argument("--shape", choices=list(SHAPES), default="gpt2")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each contender, best kept")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated gptcpp weight formats (fp32,fp16,bf16,int8)")
+    p.add_argument("--peers", action="store_true", help="also run transformers and CTranslate2 when installed")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one run: checks that everything runs")
+    p.add_argument("--json", dest="json_path", default=None, help="write every figure to this JSON file")
+
+
+def random_checkpoint(shape: str) -> str:
+    path = os.path.join(CACHE, shape)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise RuntimeError("building the random benchmark model needs torch and transformers "
+                           "(pip install '.[test]'), or pass --model PATH") from None
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPES[shape]))
+    model.save_pretrained(path)
+    return path
+
+
+def _env_threads(threads: int, unpin: bool = False) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
+    if unpin:  # the machine's limit: let OpenBLAS choose its best kernel, for this measurement alone
+        env.pop("OPENBLAS_CORETYPE", None)
+        env.pop("OPENBLAS_L2_SIZE", None)
+    return env
+
+
+_GEMM_SCRIPT = r"""
+import json, sys, time, numpy as np
+shapes = json.loads(sys.argv[1]); reps = int(sys.argv[2])
+rng = np.random.default_rng(0); out = {}
+for M, K, N in shapes:
+    a = rng.standard_normal((M, K), dtype=np.float32); b = rng.standard_normal((K, N), dtype=np.float32)
+    a @ b
+    best = min((lambda t0: (a @ b, time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(reps))
+    out[f"{M}x{K}x{N}"] = 2 * M * K * N / best / 1e9
+try:
+    from threadpoolctl import threadpool_info
+    out["blas"] = [(i.get("internal_api"), i.get("architecture"), i.get("num_threads")) for i in threadpool_info()]
+except Exception:
+    out["blas"] = "threadpoolctl not installed"
+print(json.dumps(out))
+"""
+
+
+def numpy_gemm(shapes, threads: int, reps: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", _GEMM_SCRIPT, json.dumps(shapes), str(reps)], capture_output=True,
+                       text=True, env=_env_threads(threads, unpin=True), timeout=600)
+    if r.returncode:
+        raise RuntimeError(f"numpy GEMM measurement failed: {r.stderr.strip()[-300:]}")
+    return json.loads(r.stdout)
+
+
+_RSS_SCRIPT = r"""
+import resource, sys, time, gptcpp
+t0 = time.perf_counter()
+m = gptcpp.GPT2.from_pretrained(sys.argv[1], threads=int(sys.argv[2]), dtype=sys.argv[3])
+load = time.perf_counter() - t0
+m.generate([1, 2, 3], max_new_tokens=2, eos_token_id=[])
+print(load, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def load_and_rss(path: str, threads: int, dtype: str) -> tuple[float, int]:
+    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, path, str(threads), dtype], capture_output=True, text=True,
+                       env=_env_threads(threads), timeout=600)
+    if r.returncode:
+        raise RuntimeError(f"load measurement failed: {r.stderr.strip()[-300:]}")
+    load, rss = r.stdout.split()
+    return float(load), int(rss)
+
+
+class Gptcpp:
+    def __init__(self, path, threads, dtype):
+        from .model import GPT2
+        self.name = f"gptcpp {dtype}"
+        self.model = GPT2.from_pretrained(path, threads=threads, dtype=dtype)
+
+    def prefill(self, ids):
+        from . import _core  # noqa: F401
+        cache = self.model._core.new_cache(len(ids))
+        t0 = time.perf_counter()
+        self.model._core.forward([cache], [np.asarray(ids, dtype=np.int32)], False)
+        return time.perf_counter() - t0
+
+    def decode(self, prompts, n):
+        t0 = time.perf_counter()
+        self.model.generate(prompts if len(prompts) > 1 else prompts[0], max_new_tokens=n, eos_token_id=[])
+        return time.perf_counter() - t0
+
+    def step_overhead(self, prompt, n):
+        """Seconds per token spent in Python around the C++ step at batch 1."""
+        from . import _core
+        dec = _core.Decoder(self.model._core)
+        dec.add(prompt, {"eos_token_ids": []}, n)
+        t0 = time.perf_counter()
+        while dec.live:
+            dec.step()
+        raw = time.perf_counter() - t0
+        return (self.decode([prompt], n) - raw) / n, raw / n
+
+
+class Transformers:
+    def __init__(self, path, threads):
+        import torch
+        import transformers
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.name = "transformers fp32"
+        self.model = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+
+    def prefill(self, ids):
+        with self.torch.no_grad():
+            t0 = time.perf_counter()
+            self.model(self.torch.tensor([ids]), logits_to_keep=1)
+            return time.perf_counter() - t0
+
+    def decode(self, prompts, n):
+        x = self.torch.tensor(prompts)
+        with self.torch.no_grad():
+            t0 = time.perf_counter()
+            self.model.generate(x, attention_mask=self.torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t0
+
+
+class CTranslate2:
+    def __init__(self, path, threads):
+        import ctranslate2
+        out = path.rstrip("/") + "-ct2-float32"
+        if not os.path.isfile(os.path.join(out, "model.bin")):
+            ctranslate2.converters.TransformersConverter(path).convert(out, quantization="float32", force=True)
+        self.name = "ctranslate2 fp32"
+        self.gen = ctranslate2.Generator(out, device="cpu", inter_threads=1, intra_threads=threads)
+
+    @staticmethod
+    def _tok(ids):
+        return [[str(i) for i in p] for p in ids]
+
+    def prefill(self, ids):
+        t0 = time.perf_counter()
+        self.gen.generate_batch(self._tok([ids]), max_length=1, sampling_topk=1, include_prompt_in_result=False)
+        return time.perf_counter() - t0
+
+    def decode(self, prompts, n):
+        t0 = time.perf_counter()
+        self.gen.generate_batch(self._tok(prompts), max_length=n, min_length=n, sampling_topk=1,
+                                include_prompt_in_result=False)
+        return time.perf_counter() - t0
+
+
+def _cfg(path):
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    C, L, V = c["n_embd"], c["n_layer"], c.get("vocab_size", 50257)
+    return C, L, V, c.get("n_inner") or 4 * C
+
+
+def run(args) -> int:
+    if args.quick:
+        args.prompt_tokens, args.new_tokens, args.batch, args.repeat = 32, 8, 2, 1
+    path = args.model or random_checkpoint(args.shape)
+    C, L, V, I = _cfg(path)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, V, args.prompt_tokens).tolist()
+    short = [rng.integers(0, V, 8).tolist() for _ in range(args.batch)]
+    from . import _core
+    bw = [_core.memory_read_bandwidth(64 if args.quick else 512, 3, args.threads)]
+    T = args.prompt_tokens
+    shapes = [[T, C, 3 * C], [T, C, I], [T, I, C]]
+    gemm = numpy_gemm(shapes, args.threads, 2 if args.quick else 5)
+    gemm_peak = max(v for k, v in gemm.items() if k != "blas")
+
+    contenders = [Gptcpp(path, args.threads, d.strip()) for d in args.dtypes.split(",")]
+    if args.peers:
+        for cls in (Transformers, CTranslate2):
+            try:
+                contenders.append(cls(path, args.threads))
+            except ImportError:
+                print(f"{cls.__name__}: not installed, skipped")
+    best = {c.name: {"pp": 1e9, "tg": 1e9, "b16": 1e9} for c in contenders}
+    for _ in range(args.repeat):  # interleaved: every contender once per round
+        for c in contenders:
+            b = best[c.name]
+            b["pp"] = min(b["pp"], c.prefill(prompt))
+            b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
+            b["b16"] = min(b["b16"], c.decode(short, args.new_tokens))
+    bw.append(_core.memory_read_bandwidth(64 if args.quick else 512, 3, args.threads))
+    bandwidth = max(bw)
+
+    non_embed = L * (3 * C * C + C * C + 2 * C * I)
+    prefill_flops = 2 * non_embed * T + 2 * L * C * T * T + 2 * C * V  # matmuls, attention (causal), LM head row
+    results = {}
+    for c in contenders:
+        b = best[c.name]
+        r = {"pp_tok_s": T / b["pp"], "tg_tok_s": args.new_tokens / b["tg"],
+             "batch_tok_s": args.batch * args.new_tokens / b["b16"], "prefill_gflops": prefill_flops / b["pp"] / 1e9}
+        if isinstance(c, Gptcpp):
+            wbytes = c.model.weight_bytes()
+            r.update(weight_bytes=wbytes, decode_gb_s=wbytes * r["tg_tok_s"] / 1e9,
+                     decode_fraction_of_bandwidth=wbytes * r["tg_tok_s"] / bandwidth,
+                     prefill_fraction_of_gemm=r["prefill_gflops"] / gemm_peak)
+            over, step = c.step_overhead(short[0], args.new_tokens)
+            r["python_overhead_fraction"] = max(0.0, over) / step
+            load, rss = load_and_rss(path, args.threads, c.model.dtype)
+            size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+            r.update(load_s=load, peak_rss_bytes=rss, rss_over_file=rss / size)
+        results[c.name] = r
+    peers = {k: v for k, v in results.items() if not k.startswith("gptcpp")}
+    out = {"machine": {"cpu": platform.processor() or _lscpu_model(), "isa": _core.isa(), "threads": args.threads,
+                       "date": time.strftime("%Y-%m-%d %H:%M"), "model": path, "shape": args.shape},
+           "limits": {"read_bandwidth_gb_s": bandwidth / 1e9, "bandwidth_readings_gb_s": [x / 1e9 for x in bw],
+                      "numpy_gemm_gflops": gemm},
+           "results": results}
+    _print(out, peers)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+def _lscpu_model() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _print(out, peers):
+    m, lim = out["machine"], out["limits"]
+    print(f"{m['cpu']} | isa {m['isa']} | {m['threads']} threads | {m['shape']} ({m['model']}) | {m['date']}")
+    print(f"limits: read bandwidth {lim['read_bandwidth_gb_s']:.1f} GB/s (readings "
+          f"{', '.join(f'{x:.1f}' for x in lim['bandwidth_readings_gb_s'])}); numpy fp32 GEMM "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in lim["numpy_gemm_gflops"].items() if k != "blas"))
+    best_peer = {k: max((p[k] for p in peers.values()), default=None) for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s")}
+    print(f"{'contender':20} {'pp tok/s':>10} {'tg tok/s':>10} {'batch tok/s':>12}  notes")
+    for name, r in out["results"].items():
+        notes = []
+        if "decode_fraction_of_bandwidth" in r:
+            notes.append(f"decode {r['decode_gb_s']:.1f} GB/s = {r['decode_fraction_of_bandwidth']:.0%} of bandwidth")
+            notes.append(f"prefill {r['prefill_gflops']:.0f} GFLOP/s = {r['prefill_fraction_of_gemm']:.0%} of numpy GEMM")
+            notes.append(f"python overhead {r['python_overhead_fraction']:.1%}")
+            notes.append(f"load {r['load_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB "
+                         f"({r['rss_over_file']:.2f}x file)")
+            for k, label in (("pp_tok_s", "pp"), ("tg_tok_s", "tg"), ("batch_tok_s", "batch")):
+                if best_peer[k]:
+                    notes.append(f"{label} {r[k] / best_peer[k]:.2f}x best peer")
+        print(f"{name:20} {r['pp_tok_s']:10.1f} {r['tg_tok_s']:10.1f} {r['batch_tok_s']:12.1f}  {'; '.join(notes)}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gptcpp bench", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))

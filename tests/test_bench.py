@@ -1,0 +1,28 @@
+"""`gptcpp bench --quick` runs end to end and reports every figure (no timing is asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+import gptcpp
+from conftest import random_gpt2, save
+
+
+def test_bench_quick(tmp_path):
+    model = save(random_gpt2(seed=2, vocab_size=300, n_embd=32, n_layer=2, n_head=2), tmp_path / "m")
+    out = tmp_path / "bench.json"
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(gptcpp.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "gptcpp", "bench", "--model", model, "--quick", "--dtypes", "fp32,int8",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["limits"]["read_bandwidth_gb_s"] > 0
+    assert all(v > 0 for k, v in data["limits"]["numpy_gemm_gflops"].items() if k != "blas")
+    for name in ("gptcpp fp32", "gptcpp int8"):
+        res = data["results"][name]
+        for key in ("pp_tok_s", "tg_tok_s", "batch_tok_s", "decode_fraction_of_bandwidth", "prefill_fraction_of_gemm",
+                    "load_s", "peak_rss_bytes", "python_overhead_fraction"):
+            assert res[key] >= 0, key
+        assert res["pp_tok_s"] > 0 and res["peak_rss_bytes"] > 0
+    assert "contender" in r.stdout
