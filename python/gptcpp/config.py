@@ -16,6 +16,10 @@ SUPPORTED_ACTIVATIONS = (
 )
 
 
+_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+            "num_hidden_layers": "n_layer"}
+
+
 class ConfigError(ValueError):
     """config.json is missing, unreadable, or asks for something gptcpp does not compute."""
 
@@ -76,6 +80,11 @@ class GPT2Config:
             raise ConfigError(f"config.json: model_type {model_type!r} is not supported (only 'gpt2')")
         if raw.get("add_cross_attention"):
             raise ConfigError("config.json: add_cross_attention=True is not supported (decoder-only GPT-2 only)")
+        # transformers' GPT2Config.attribute_map: the generic names set the GPT-2 fields, and win over them.
+        # Ignoring them would be silent for n_head (it changes no tensor shape).
+        for alias, name in _ALIASES.items():
+            if alias in raw:
+                raw[name] = raw[alias]
         kw = {}
         if "n_positions" in raw:
             kw["n_positions"] = raw["n_positions"]
@@ -86,7 +95,7 @@ class GPT2Config:
                      "reorder_and_upcast_attn", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
             if name in raw:
                 kw[name] = raw[name]
-        known = set(kw) | {"n_ctx", "model_type", "add_cross_attention"}
+        known = set(kw) | set(_ALIASES) | {"n_ctx", "model_type", "add_cross_attention"}
         cfg = cls(**kw, extra={k: v for k, v in raw.items() if k not in known})
         cfg.validate()
         return cfg

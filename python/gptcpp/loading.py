@@ -23,6 +23,10 @@ _RAW_DTYPES = {**_DTYPES, "I8": (np.int8, 1), "U16": (np.uint16, 2)}
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, malformed, or does not match its config."""
 
@@ -89,6 +93,8 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise CheckpointError(f"{path} has a corrupt safetensors header")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: __metadata__ is not an object")
         self._buffer = np.frombuffer(self._map, dtype=np.uint8)
         data_start = 8 + header_len
         self.entries = {}
@@ -97,13 +103,18 @@ class SafetensorsFile:
                 dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
-            if data_start + end > size or begin > end:
+            if not all(_is_count(v) for v in (begin, end, *shape)) or not isinstance(dtype, str):
+                raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {info}")
+            if begin > end:
+                raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: "
+                                      f"data_offsets {begin} > {end}")
+            if data_start + end > size:
                 raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} "
                                       f"of a {size}-byte file")
             self.entries[name] = (dtype, shape, data_start + begin, data_start + end)
 
     def raw(self, name: str, allowed=_RAW_DTYPES) -> np.ndarray:
-        """The tensor as stored: a view of the mapping, no copy."""
+        """The tensor as stored: a view of the mapping, no copy (unless misaligned in the file)."""
         dtype, shape, begin, end = self.entries[name]
         if dtype not in allowed:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(allowed)}")
@@ -112,7 +123,9 @@ class SafetensorsFile:
         if (end - begin) != count * itemsize:
             raise CheckpointError(f"{self.path}: tensor {name!r} holds {end - begin} bytes, but {dtype} {shape} "
                                   f"needs {count * itemsize}")
-        return self._buffer[begin:end].view(np_dtype).reshape(shape)
+        arr = self._buffer[begin:end].view(np_dtype).reshape(shape)
+        # A writer that did not align the data gets a copy: the C++ core is never handed misaligned values.
+        return arr if arr.flags.aligned else arr.copy()
 
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as float32: a view of the mapping for F32, a converted copy for F16 / BF16."""
@@ -133,8 +146,11 @@ def _checkpoint_files(directory: str) -> dict[str, SafetensorsFile]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: weight_map must map tensor names "
+                                  f"to shard file names")
         files, out = {}, {}
         for name, fname in weight_map.items():
             path = os.path.join(directory, fname)
