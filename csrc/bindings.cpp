@@ -411,6 +411,8 @@ PYBIND11_MODULE(_core, m) {
     WeightView wv = view_of(weight, scales, keep);
     wv.blocked = blocked;
     FloatArray b = bias.is_none() ? FloatArray() : bias.cast<FloatArray>();
+    if (!bias.is_none() && b.size() != N) throw std::invalid_argument("bias must have N values");
+    if (wv.scales && keep.back().size() != N) throw std::invalid_argument("scales must have N values");
     FloatArray o(out);
     with_isa(isa, [&](const KernelTable& t) {
       t.matmul_forward(o.mutable_data(), inp.data(), wv, bias.is_none() ? nullptr : b.data(), M, K, N, K, N, N, accumulate);
@@ -423,12 +425,14 @@ PYBIND11_MODULE(_core, m) {
     if (weight.shape(1) != K) throw std::invalid_argument("shape mismatch");
     std::vector<FloatArray> keep;
     WeightView wv = view_of(weight, scales, keep);
+    if (wv.scales && keep.back().size() != N) throw std::invalid_argument("scales must have N values");
     FloatArray o({M, N});
     with_isa(isa, [&](const KernelTable& t) { t.matmul_nt_forward(o.mutable_data(), inp.data(), wv, M, K, N, N); });
     return o;
   }, py::arg("isa"), py::arg("inp"), py::arg("weight"), py::arg("scales") = py::none());
   k.def("layernorm", [](const std::string& isa, FloatArray inp, FloatArray w, FloatArray b, float eps) {
     const int M = static_cast<int>(inp.shape(0)), C = static_cast<int>(inp.shape(1));
+    if (w.size() != C || b.size() != C) throw std::invalid_argument("weight and bias must have C values");
     FloatArray o({M, C});
     with_isa(isa, [&](const KernelTable& t) { t.layernorm_forward(o.mutable_data(), inp.data(), w.data(), b.data(), M, C, eps); });
     return o;
@@ -442,7 +446,9 @@ PYBIND11_MODULE(_core, m) {
   k.def("attention", [](const std::string& isa, FloatArray q, FloatArray kk, FloatArray v, int pos0, float scale) {
     // q [T, hd]; k, v [pos0 + T, hd]
     const int T = static_cast<int>(q.shape(0)), hd = static_cast<int>(q.shape(1));
-    if (kk.shape(0) != pos0 + T || v.shape(0) != pos0 + T) throw std::invalid_argument("k/v must have pos0 + T rows");
+    if (kk.ndim() != 2 || v.ndim() != 2 || kk.shape(0) != pos0 + T || v.shape(0) != pos0 + T || kk.shape(1) != hd ||
+        v.shape(1) != hd)
+      throw std::invalid_argument("k and v must be [pos0 + T, hd]");
     FloatArray o({T, hd});
     const int n_keys = pos0 + T;
     std::vector<float> kt(static_cast<size_t>(hd) * n_keys);  // the cache's transposed key layout

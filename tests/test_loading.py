@@ -675,3 +675,12 @@ def test_context_length_limit(loaded):
     assert loaded.logits([3] * n).shape == (n, 211)
     with pytest.raises(ValueError, match=rf"{n + 1} tokens exceed the model's context of {n} \(n_positions\)"):
         loaded.logits([3] * (n + 1))
+
+
+def test_non_integer_token_ids_are_refused(tmp_path):
+    from conftest import random_gpt2, save
+    model = gptcpp.GPT2.from_pretrained(save(random_gpt2(), tmp_path / "m"))
+    for bad in ([1.7, 2.2], [1, True], ["3"], np.array([1.0, 2.0])):
+        with pytest.raises(ValueError, match="integers"):
+            model.logits(bad)
+    assert model.logits(np.array([1, 2], dtype=np.int64)).shape == (2, model.config.vocab_size)

@@ -46,6 +46,8 @@ struct Vec {
     __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
+  // x < t ? a : b, per lane.
+  static inline reg select_lt(reg x, reg t, reg a, reg b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, t, _CMP_LT_OQ)); }
   static inline reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static inline reg copysign(reg a, reg s) {
     const reg sign = _mm256_set1_ps(-0.0f);

@@ -42,6 +42,8 @@ struct Vec {
     __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
+  // x < t ? a : b, per lane.
+  static inline reg select_lt(reg x, reg t, reg a, reg b) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, t, _CMP_LT_OQ), b, a); }
   static inline reg abs(reg a) { return _mm512_abs_ps(a); }
   static inline reg copysign(reg a, reg s) {
     const __m512i sign = _mm512_set1_epi32(0x80000000);

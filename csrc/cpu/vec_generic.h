@@ -44,6 +44,8 @@ struct Vec {
   static inline reg round(reg a) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = std::nearbyint(a.v[i]); return r; }
   // 2^n for integral n in [-126, 127].
   static inline reg pow2(reg n) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = std::ldexp(1.0f, static_cast<int>(n.v[i])); return r; }
+  // x < t ? a : b, per lane.
+  static inline reg select_lt(reg x, reg t, reg a, reg b) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = x.v[i] < t.v[i] ? a.v[i] : b.v[i]; return r; }
   static inline reg abs(reg a) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = std::fabs(a.v[i]); return r; }
   // Copies the sign of s onto the magnitude of a.
   static inline reg copysign(reg a, reg s) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = std::copysign(a.v[i], s.v[i]); return r; }

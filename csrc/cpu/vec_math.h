@@ -20,13 +20,22 @@ inline typename V::reg vec_exp(typename V::reg x) {
   return V::mul(y, V::pow2(n));
 }
 
-// tanh(x) = sign(x) * (1 - 2 / (exp(2|x|) + 1)): no overflow, absolute error ~1e-7.
+// tanh: for |x| >= 0.625, sign(x) * (1 - 2 / (exp(2|x|) + 1)), which cannot overflow; below that the
+// subtraction would cancel, so the Cephes odd polynomial x + x^3 P(x^2) is used (relative error ~1e-7).
 template <class V>
 inline typename V::reg vec_tanh(typename V::reg x) {
   using R = typename V::reg;
-  R e = vec_exp<V>(V::mul(V::abs(x), V::set1(2.0f)));
-  R t = V::sub(V::set1(1.0f), V::div(V::set1(2.0f), V::add(e, V::set1(1.0f))));
-  return V::copysign(t, x);
+  const R a = V::abs(x);
+  R e = vec_exp<V>(V::mul(a, V::set1(2.0f)));
+  R big = V::copysign(V::sub(V::set1(1.0f), V::div(V::set1(2.0f), V::add(e, V::set1(1.0f)))), x);
+  const R z = V::mul(x, x);
+  R p = V::set1(-5.70498872745e-3f);
+  p = V::fma(p, z, V::set1(2.06390887954e-2f));
+  p = V::fma(p, z, V::set1(-5.37397155531e-2f));
+  p = V::fma(p, z, V::set1(1.33314422036e-1f));
+  p = V::fma(p, z, V::set1(-3.33332819422e-1f));
+  R small = V::fma(V::mul(p, z), x, x);
+  return V::select_lt(a, V::set1(0.625f), small, big);
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7).

@@ -106,10 +106,16 @@ class GPT2:
         return self.tokenizer
 
     def _check_ids(self, ids) -> list[int]:
+        if isinstance(ids, np.ndarray) and ids.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got an array of {ids.dtype}")
         try:
-            out = [int(t) for t in ids]
-        except (TypeError, ValueError):
-            raise ValueError(f"token ids must be integers, got {ids!r}") from None
+            items = list(ids)
+        except TypeError:
+            raise ValueError(f"token ids must be a sequence of integers, got {ids!r}") from None
+        for t in items:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"token ids must be integers, got {t!r}")
+        out = [int(t) for t in items]
         for t in out:
             if not 0 <= t < self.config.vocab_size:
                 raise ValueError(f"token id {t} is outside the vocabulary (0..{self.config.vocab_size - 1})")
