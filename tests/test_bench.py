@@ -26,3 +26,19 @@ def test_bench_quick(tmp_path):
             assert res[key] >= 0, key
         assert res["pp_tok_s"] > 0 and res["peak_rss_bytes"] > 0
     assert "contender" in r.stdout
+
+
+def test_bench_speculative_quick(tmp_path):
+    model = save(random_gpt2(seed=2, vocab_size=300, n_positions=640, n_embd=32, n_layer=2, n_head=2), tmp_path / "m")
+    out = tmp_path / "spec.json"
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(gptcpp.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
+           "HOME": str(tmp_path)}  # the draft checkpoint is built under ~/.cache
+    r = subprocess.run([sys.executable, "-m", "gptcpp", "bench", "--model", model, "--quick", "--speculative",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    for key in ("verify_over_plain", "draft_token_over_target_step", "speedup_at_acceptance_0.6",
+                "speedup_at_acceptance_0.8", "measured_speedup", "ttft_ratio"):
+        assert data[key] > 0, key
+    assert 0 <= data["measured_acceptance"] <= 1

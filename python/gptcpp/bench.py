@@ -42,10 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run: checks that everything runs")
     p.add_argument("--json", dest="json_path", default=None, help="write every figure to this JSON file")
+    p.add_argument("--speculative", action="store_true",
+                   help="measure speculative decoding (gpt2-medium-shaped target, 6-layer draft of the same width) "
+                        "and the prefix cache instead of the throughput table")
 
 
-def random_checkpoint(shape: str) -> str:
-    path = os.path.join(CACHE, shape)
+def random_checkpoint(shape: str, **overrides) -> str:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    name = shape + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    path = os.path.join(CACHE, name)
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     try:
@@ -55,7 +60,7 @@ def random_checkpoint(shape: str) -> str:
         raise RuntimeError("building the random benchmark model needs torch and transformers "
                            "(pip install '.[test]'), or pass --model PATH") from None
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPES[shape]))
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SHAPES[shape], **overrides}))
     model.save_pretrained(path)
     return path
 
@@ -200,7 +205,92 @@ def _cfg(path):
     return C, L, V, c.get("n_inner") or 4 * C
 
 
+def run_speculative(args) -> int:
+    """Cost of a verification pass, of draft tokens, the speed-up they imply, and the prefix cache."""
+    from . import _core
+    from .model import GPT2
+    quick = args.quick
+    target_path = args.model or random_checkpoint("gpt2" if quick else "gpt2-medium")
+    with open(os.path.join(target_path, "config.json")) as f:
+        tc = json.load(f)
+    draft_path = random_checkpoint("gpt2", n_layer=1 if quick else 6, n_embd=tc["n_embd"], n_head=tc["n_head"],
+                                   vocab_size=tc.get("vocab_size", 50257), n_positions=tc.get("n_positions", 1024),
+                                   bos_token_id=tc.get("bos_token_id"), eos_token_id=tc.get("eos_token_id"))
+    target = GPT2.from_pretrained(target_path, threads=args.threads)
+    draft = GPT2.from_pretrained(draft_path, threads=args.threads)
+    V = target.config.vocab_size
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, V, 64).tolist()
+    K = 4
+    reps = 2 if quick else max(3, args.repeat)
+
+    def step_time(model, n_new):
+        """Seconds of one forward pass appending n_new tokens after the prompt, logits for all of them."""
+        best = 1e9
+        for _ in range(reps):
+            cache = model._core.new_cache(len(prompt) + n_new)
+            model._core.forward([cache], [np.asarray(prompt, dtype=np.int32)], False)
+            t0 = time.perf_counter()
+            model._core.forward([cache], [np.asarray(prompt[:n_new], dtype=np.int32)], True)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    plain, verify, draft_step = step_time(target, 1), step_time(target, K + 1), step_time(draft, 1)
+    c_verify, c_draft = verify / plain, draft_step / plain
+
+    def speedup(alpha):
+        tokens = (1 - alpha ** (K + 1)) / (1 - alpha)  # expected tokens per verification step
+        return tokens / (K * c_draft + c_verify)
+
+    def generate_time(**kw):
+        best, res = 1e9, None
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            res = target.generate(prompt, max_new_tokens=16 if quick else 64, eos_token_id=[], **kw)
+            best = min(best, time.perf_counter() - t0)
+        return best, res
+
+    t_plain, _ = generate_time()
+    t_spec, r_spec = generate_time(assistant_model=draft, num_assistant_tokens=K)
+    # The prefix cache: time to first token of a prompt whose first 512 tokens were seen before.
+    n_prefix = min(512, target.config.n_positions - 32)
+    header = rng.integers(0, V, n_prefix).tolist()
+    cached = GPT2.from_pretrained(target_path, threads=args.threads, prefix_cache_tokens=n_prefix + 64)
+    cached.generate(header + [1], max_new_tokens=1)
+
+    def ttft(model, p):
+        best = 1e9
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model.generate(p, max_new_tokens=1)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    fresh = header + rng.integers(0, V, 8).tolist()
+    t_cold, t_warm = ttft(target, fresh), ttft(cached, fresh)
+    out = {"target": target_path, "draft": draft_path, "proposals_per_step": K, "plain_step_ms": plain * 1e3,
+           "verify_step_ms": verify * 1e3, "verify_over_plain": c_verify, "draft_token_over_target_step": c_draft,
+           "speedup_at_acceptance_0.6": speedup(0.6), "speedup_at_acceptance_0.8": speedup(0.8),
+           "measured_acceptance": (r_spec.accepted_tokens / r_spec.proposed_tokens) if r_spec.proposed_tokens else 0.0,
+           "measured_speedup": t_plain / t_spec, "prefix_tokens": n_prefix, "ttft_without_cache_ms": t_cold * 1e3,
+           "ttft_with_cache_ms": t_warm * 1e3, "ttft_ratio": t_cold / t_warm}
+    print(f"target {os.path.basename(target_path)}, draft {os.path.basename(draft_path)}, K = {K}, {args.threads} threads")
+    print(f"plain step {plain * 1e3:.2f} ms; verification of K+1 = {K + 1} positions {verify * 1e3:.2f} ms "
+          f"({c_verify:.2f}x); draft token {c_draft:.2f}x a target step")
+    print(f"speed-up by the standard formula: {speedup(0.6):.2f}x at acceptance 0.6, {speedup(0.8):.2f}x at 0.8")
+    print(f"measured on this run's text (random weights rarely agree): acceptance {out['measured_acceptance']:.2f}, "
+          f"speed {out['measured_speedup']:.2f}x plain (adaptive K; the cost of speculation that fails)")
+    print(f"prefix cache, {n_prefix}-token shared prefix: time to first token {t_cold * 1e3:.1f} ms -> "
+          f"{t_warm * 1e3:.1f} ms ({out['ttft_ratio']:.1f}x lower)")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
 def run(args) -> int:
+    if getattr(args, "speculative", False):
+        return run_speculative(args)
     if args.quick:
         args.prompt_tokens, args.new_tokens, args.batch, args.repeat = 32, 8, 2, 1
     path = args.model or random_checkpoint(args.shape)
