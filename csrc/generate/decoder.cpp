@@ -301,10 +301,11 @@ std::vector<StepOutput> Decoder::step() {
     if (P > 0 && s.spec.adaptive) {
       if (n_accepted[i] == P) {
         s.k = std::min(s.k + 2, 32);
-      } else if (--s.k <= 0) {  // proposals keep failing: rest, then try one again
+      } else if (--s.k <= 0) {  // proposals keep failing: rest, longer each time, then try one again
         s.k = 1;
-        s.cooldown = 8;
+        s.cooldown = 8 << std::min(s.failures++, 5);
       }
+      if (n_accepted[i] > 0) s.failures = 0;
     }
   }
   for (int i = 0; i < n; ++i) {

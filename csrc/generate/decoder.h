@@ -100,6 +100,7 @@ class Decoder {
     SpeculationOptions spec;
     int k = 0;         // current number of proposals
     int cooldown = 0;  // steps left without speculation after proposals kept failing
+    int failures = 0;  // consecutive rests; each doubles the next (8, 16, ... 256 steps)
     bool prefix_saved = false;
     int n_proposed = 0, n_accepted = 0;
     std::vector<int32_t> proposals;
