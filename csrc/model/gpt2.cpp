@@ -142,20 +142,22 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
     const LayerWeights& w = weights_.layers[l];
     K.layernorm_forward(ln.data(), x.data(), w.ln_1_weight, w.ln_1_bias, M, C, c.layer_norm_epsilon);
     K.matmul_forward(qkv.data(), ln.data(), w.attn_weight, w.attn_bias, M, C, 3 * C, C, 3 * C, 3 * C, false);
-    // Append this layer's new keys and values to each sequence's cache.
-    for (size_t i = 0; i < items.size(); ++i) {
+    // Append this layer's new keys and values to each sequence's cache, one (sequence, head) per task: for
+    // a long prompt the transposed key writes are scattered enough to be worth both cores.
+    const int n_kv = static_cast<int>(items.size()) * H;
+#pragma omp parallel for schedule(static) if (M * C > 65536)
+    for (int task = 0; task < n_kv; ++task) {
+      const int i = task / H, h = task % H;
       const auto& it = items[i];
+      const int cap = it.cache->capacity();
+      float* kt = it.cache->keys(l, h);  // transposed: [head_dim][capacity]
+      float* vc = it.cache->values(l, h);
       for (int t = 0; t < it.n_tokens; ++t) {
         const float* row = qkv.data() + static_cast<int64_t>(item_row0[i] + t) * 3 * C;
         const int pos = it.cache->length() + t;
-        const int cap = it.cache->capacity();
-        for (int h = 0; h < H; ++h) {
-          float* kt = it.cache->keys(l, h);  // transposed: [head_dim][capacity]
-          const float* krow = row + C + h * hd;
-          for (int d = 0; d < hd; ++d) kt[static_cast<int64_t>(d) * cap + pos] = krow[d];
-          std::memcpy(it.cache->values(l, h) + static_cast<int64_t>(pos) * hd, row + 2 * C + h * hd,
-                      sizeof(float) * hd);
-        }
+        const float* krow = row + C + h * hd;
+        for (int d = 0; d < hd; ++d) kt[static_cast<int64_t>(d) * cap + pos] = krow[d];
+        std::memcpy(vc + static_cast<int64_t>(pos) * hd, row + 2 * C + h * hd, sizeof(float) * hd);
       }
     }
     float scale = c.scale_attn_weights ? 1.0f / std::sqrt(static_cast<float>(hd)) : 1.0f;
