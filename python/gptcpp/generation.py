@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
+
+from .tokenizer import IncrementalDecoder
 
 # option name -> default. top_k defaults to 50 as in transformers' GenerationConfig.
 DEFAULTS = {
@@ -168,3 +171,58 @@ def sampling_dict(o: dict) -> dict:
         "bad_words_ids": o["bad_words_ids"], "logit_bias": o["logit_bias"], "min_new_tokens": int(o["min_new_tokens"]),
         "eos_token_ids": o["eos_token_id"], "seed": int(o["seed"]),
     }
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """text up to the first stop string (excluded), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of text that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+class TextStream:
+    """A sequence's generated tokens -> text pieces, as generate(), stream() and the server hand them out.
+
+    A piece never ends in half a character (held back until the rest arrives) nor in text that a stop
+    string may still claim; once a stop string appears the text ends before it. Joined, the pieces equal
+    text()."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stops = list(stops)
+        self.emitted = 0  # characters handed out
+        self.stopped = False
+
+    def push(self, token: int, final: bool) -> str:
+        """Adds a token; final: the sequence ends with it, so hand out everything."""
+        self.decoder.push(token)
+        text = self.decoder.text()
+        if self.stops:
+            cut_text, self.stopped = cut_at_stop(text, self.stops)
+            if self.stopped:
+                piece = cut_text[self.emitted:]
+                self.emitted = max(self.emitted, len(cut_text))
+                return piece
+        end = len(text)
+        if not final:
+            while end > self.emitted and text[end - 1] == "\ufffd":
+                end -= 1
+            end -= held_back(text[:end], self.stops)
+        if end <= self.emitted:
+            return ""
+        piece = text[self.emitted:end]
+        self.emitted = end
+        return piece
+
+    def text(self) -> str:
+        return cut_at_stop(self.decoder.text(), self.stops)[0]

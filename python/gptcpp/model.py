@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
 from . import _core
 from .config import GPT2Config
-from .generation import (GenerationResult, ScoreResult, TokenLogprob, sampling_dict, speculation_dict,
-                         validate_options)
+from .generation import (GenerationResult, ScoreResult, TextStream, TokenLogprob, cut_at_stop, sampling_dict,
+                         speculation_dict, validate_options)
 from .loading import load_checkpoint
 from .quantize import check_dtype, convert_tensors
-from .tokenizer import GPT2Tokenizer, IncrementalDecoder
+from .tokenizer import GPT2Tokenizer
 
 _EARLY_STOPPING = {False: 0, True: 1, "never": 2}
 
@@ -214,7 +214,7 @@ class GPT2:
         for tokens, score in hyps:
             text = self._decode(tokens)
             finish = "eos" if tokens and tokens[-1] in eos else "length"
-            text, cut = _cut_at_stop(text, o["stop"])
+            text, cut = cut_at_stop(text, o["stop"])
             out.append(GenerationResult(text=text, token_ids=list(tokens), finish_reason="stop" if cut else finish,
                                         prompt_token_ids=ids, score=float(score)))
         return out
@@ -264,29 +264,12 @@ class GPT2:
         return ScoreResult(token_ids=ids, token_logprobs=logprobs, total_logprob=float(sum(vals)), n_scored=len(vals))
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of text that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                best = max(best, k)
-                break
-    return best
-
-
 class _Seq:
-    __slots__ = ("prompt_idx", "ids", "prompt", "tokens", "logprobs", "finish", "decoder", "emitted", "proposed",
-                 "accepted")
+    __slots__ = ("prompt_idx", "prompt", "tokens", "logprobs", "finish", "text", "proposed", "accepted")
 
-    def __init__(self, prompt_idx, prompt, decoder):
-        self.prompt_idx, self.prompt, self.decoder = prompt_idx, prompt, decoder
-        self.tokens, self.logprobs, self.finish, self.emitted = [], None, None, 0
+    def __init__(self, prompt_idx, prompt, text):
+        self.prompt_idx, self.prompt, self.text = prompt_idx, prompt, text
+        self.tokens, self.logprobs, self.finish = [], None, None
         self.proposed = self.accepted = 0
 
 
@@ -310,7 +293,7 @@ class _Run:
         for pi, ids in enumerate(prompts):
             for r in range(o["num_return_sequences"]):
                 sid = self.dec.add(ids, opts, o["max_new_tokens"], logprobs, r, spec)
-                seq = _Seq(pi, ids, IncrementalDecoder(model.tokenizer) if model.tokenizer else None)
+                seq = _Seq(pi, ids, TextStream(model.tokenizer, o["stop"]) if model.tokenizer else None)
                 if logprobs >= 0:
                     seq.logprobs = []
                 self.seqs[sid] = seq
@@ -318,7 +301,6 @@ class _Run:
 
     def events(self):
         """Runs steps until every sequence ends; yields (sequence id, new text piece) per produced token."""
-        stops = self.o["stop"]
         tok = self.model.tokenizer
         while self.dec.live:
             for sid, token, finish, lp, proposed, accepted in self.dec.step():
@@ -332,29 +314,12 @@ class _Run:
                     name = tok.id_to_token if tok else (lambda i: None)
                     seq.logprobs.append(TokenLogprob(token, name(token), chosen, [(t, name(t), v) for t, v in top]))
                 piece = ""
-                if seq.decoder is not None:
-                    seq.decoder.push(token)
-                    text = seq.decoder.text()
-                    if stops:
-                        cut_text, cut = _cut_at_stop(text, stops)
-                        if cut:
-                            seq.finish = "stop"
-                            if finish is None:
-                                self.dec.cancel(sid)
-                            piece = cut_text[seq.emitted:]
-                            seq.emitted = len(cut_text)
-                            yield sid, piece
-                            continue
-                    if finish is not None:
-                        end = len(text)  # the end: hand out everything, incomplete characters included
-                    else:
-                        end = len(text)
-                        while end > seq.emitted and text[end - 1] == "\ufffd":
-                            end -= 1
-                        end -= _held_back(text[:end], stops)
-                    if end > seq.emitted:
-                        piece = text[seq.emitted:end]
-                        seq.emitted = end
+                if seq.text is not None:
+                    piece = seq.text.push(token, finish is not None)
+                    if seq.text.stopped:
+                        if finish is None:  # the C++ step would go on: a stop string ended it here
+                            self.dec.cancel(sid)
+                        finish = "stop"
                 if finish is not None:
                     seq.finish = finish
                 yield sid, piece
@@ -363,9 +328,7 @@ class _Run:
         out: list[list[GenerationResult]] = [[] for _ in range(1 + max((s.prompt_idx for s in self.seqs.values()), default=0))]
         for sid in self.order:
             s = self.seqs[sid]
-            text = s.decoder.text() if s.decoder else ""
-            if s.finish == "stop":
-                text = _cut_at_stop(text, self.o["stop"])[0]
+            text = s.text.text() if s.text else ""
             out[s.prompt_idx].append(GenerationResult(text=text, token_ids=s.tokens, finish_reason=s.finish or "length",
                                                       prompt_token_ids=s.prompt, logprobs=s.logprobs,
                                                       proposed_tokens=s.proposed, accepted_tokens=s.accepted))

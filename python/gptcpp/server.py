@@ -14,8 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .generation import sampling_dict, validate_options
-from .tokenizer import IncrementalDecoder
+from .generation import TextStream, sampling_dict, validate_options
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -32,7 +31,7 @@ class Choice:
     prompt_ids: list
     options: dict
     logprobs: int | None
-    decoder: IncrementalDecoder
+    stream: TextStream
     tokens: list = field(default_factory=list)
     text: str = ""  # text handed out so far
     lp_tokens: list = field(default_factory=list)
@@ -184,26 +183,10 @@ class Engine:
 
     @staticmethod
     def _advance_text(c: Choice, token: int, finish) -> str:
-        """New text of a choice, holding back incomplete characters and possible stop-string prefixes."""
-        c.decoder.push(token)
-        full = c.decoder.text()
-        stops = c.options["stop"]
-        cut = min((i for i in (full.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
+        """New text of a choice (the same rules as generate(): whole characters, stop strings cut)."""
+        piece = c.stream.push(token, finish is not None)
+        if c.stream.stopped:
             c.finish = "stop"
-            piece = full[len(c.text):cut] if cut > len(c.text) else ""
-            c.text += piece
-            return piece
-        end = len(full)
-        if finish is None:
-            while end > len(c.text) and full[end - 1] == "\ufffd":
-                end -= 1
-            for s in stops:
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if full[:end].endswith(s[:k]):
-                        end -= k
-                        break
-        piece = full[len(c.text):end] if end > len(c.text) else ""
         c.text += piece
         return piece
 
@@ -282,7 +265,7 @@ def build_requests(body: dict, model, max_tokens_cap: int, loop) -> Request:
             raise RequestError(400, str(e), param="prompt") from None
         for _ in range(n):
             choices.append(Choice(index=len(choices), prompt_ids=ids, options=dict(o), logprobs=logprobs,
-                                  decoder=IncrementalDecoder(model.tokenizer)))
+                                  stream=TextStream(model.tokenizer, o["stop"])))
     req = Request(choices, loop, bool(body.get("stream")))
     req.echo = bool(body.get("echo"))
     req.prompts = prompts
@@ -368,16 +351,22 @@ def create_app(model, model_name: str, max_batch=16, max_queue=64, max_tokens_ca
             return StreamingResponse(_stream(req, eng, http), media_type="text/event-stream")
         return await _complete(req, eng, http)
 
-    async def _complete(req, eng, http):
-        remaining = len(req.choices)
-        while remaining:
+    async def _next_event(req, eng, http):
+        """The request's next engine event, or None once its client has gone (its sequences are cancelled)."""
+        while True:
             try:
-                ev = await asyncio.wait_for(req.events.get(), timeout=0.5)
+                return await asyncio.wait_for(req.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     eng.cancel(req)
-                    return err(499, "client disconnected")
-                continue
+                    return None
+
+    async def _complete(req, eng, http):
+        remaining = len(req.choices)
+        while remaining:
+            ev = await _next_event(req, eng, http)
+            if ev is None:
+                return err(499, "client disconnected")
             if ev[0] == "error":
                 eng.cancel(req)
                 eng.metrics["requests_failed_total"] += 1
@@ -409,13 +398,9 @@ def create_app(model, model_name: str, max_batch=16, max_queue=64, max_tokens_ca
                 for c in req.choices:
                     yield chunk(c.index, req.prompts[c.index // per], None)
             while remaining:
-                try:
-                    ev = await asyncio.wait_for(req.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        eng.cancel(req)
-                        return
-                    continue
+                ev = await _next_event(req, eng, http)
+                if ev is None:
+                    return
                 if ev[0] == "error":
                     yield "data: " + json.dumps(_error_body(ev[1], "server_error")) + "\n\n"
                     eng.cancel(req)
