@@ -150,15 +150,31 @@ class Gptcpp:
         return time.perf_counter() - t0
 
     def step_overhead(self, prompt, n):
-        """Seconds per token spent in Python around the C++ step at batch 1."""
-        from . import _core
-        dec = _core.Decoder(self.model._core)
-        dec.add(prompt, {"eos_token_ids": []}, n)
+        """Fraction of a batch-1 generate() loop spent outside the C++ step (Python, detokenization)."""
+        from .generation import validate_options
+        from .model import _Run
+
+        class TimedDecoder:
+            def __init__(self, dec):
+                self.dec, self.inside = dec, 0.0
+
+            def step(self):
+                t0 = time.perf_counter()
+                out = self.dec.step()
+                self.inside += time.perf_counter() - t0
+                return out
+
+            def __getattr__(self, name):
+                return getattr(self.dec, name)
+
+        o = validate_options({"max_new_tokens": n, "eos_token_id": []}, self.model.config.vocab_size, [])
+        run = _Run(self.model, [prompt], o)
+        run.dec = TimedDecoder(run.dec)
         t0 = time.perf_counter()
-        while dec.live:
-            dec.step()
-        raw = time.perf_counter() - t0
-        return (self.decode([prompt], n) - raw) / n, raw / n
+        for _ in run.events():
+            pass
+        total = time.perf_counter() - t0
+        return (total - run.dec.inside) / total
 
 
 class Transformers:
@@ -348,8 +364,7 @@ def run(args) -> int:
             r.update(weight_bytes=wbytes, decode_gb_s=wbytes * r["tg_tok_s"] / 1e9,
                      decode_fraction_of_bandwidth=wbytes * r["tg_tok_s"] / bandwidth,
                      prefill_fraction_of_gemm=r["prefill_gflops"] / gemm_peak)
-            over, step = c.step_overhead(short[0], args.new_tokens)
-            r["python_overhead_fraction"] = max(0.0, over) / step
+            r["python_overhead_fraction"] = c.step_overhead(short[0], args.new_tokens)
             load, rss = load_and_rss(path, args.threads, c.model.dtype)
             size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
             r.update(load_s=load, peak_rss_bytes=rss, rss_over_file=rss / size)

@@ -208,8 +208,11 @@ class TextStream:
         self.decoder.push(token)
         text = self.decoder.text()
         if self.stops:
-            cut_text, self.stopped = cut_at_stop(text, self.stops)
+            # A stop string can only start in the part not yet handed out, less what was held back for it.
+            start = max(0, self.emitted - max(len(s) for s in self.stops))
+            cut_tail, self.stopped = cut_at_stop(text[start:], self.stops)
             if self.stopped:
+                cut_text = text[:start] + cut_tail
                 piece = cut_text[self.emitted:]
                 self.emitted = max(self.emitted, len(cut_text))
                 return piece

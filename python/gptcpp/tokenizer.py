@@ -60,26 +60,40 @@ class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces that never split a character.
 
     Byte-level BPE can put half of a UTF-8 character in one token; until the rest arrives the decoded text
-    ends in U+FFFD, and that tail is held back. The pieces joined equal decode(all ids)."""
+    ends in U+FFFD, and that tail is held back. The pieces joined equal decode(all ids).
+
+    Byte-level decoding concatenates: once the text decoded so far ends in a whole character, it never
+    changes, so it is kept and only the ids after it are decoded again: each push costs the length of the
+    unfinished tail, not of the whole sequence."""
 
     def __init__(self, tokenizer: GPT2Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.emitted = 0  # characters of the full text already handed out
+        self._stable_text = ""  # decode(ids[:_stable_ids]), which ends in a whole character
+        self._stable_ids = 0
+
+    def _tail(self) -> str:
+        return self.tokenizer.decode(self.ids[self._stable_ids:], skip_special_tokens=self.skip)
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        return self._stable_text + self._tail()
 
     def push(self, token_id: int) -> str:
         """Adds a token; returns the newly completed text (possibly empty)."""
         self.ids.append(int(token_id))
-        text = self.text()
+        tail = self._tail()
+        if not tail.endswith("\ufffd"):
+            self._stable_text += tail
+            self._stable_ids = len(self.ids)
+            tail = ""
+        text = self._stable_text + tail
         end = len(text)
         while end > self.emitted and text[end - 1] == "\ufffd":
             end -= 1
         piece = text[self.emitted:end]
-        self.emitted = end
+        self.emitted = max(self.emitted, end)
         return piece
 
     def flush(self) -> str:
