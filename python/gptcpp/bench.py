@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs of each contender, best kept")
     p.add_argument("--dtypes", default="fp32", help="comma-separated gptcpp weight formats (fp32,fp16,bf16,int8)")
     p.add_argument("--peers", action="store_true", help="also run transformers and CTranslate2 when installed")
+    p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench binary (with --gguf)")
+    p.add_argument("--gguf", default=None,
+                   help="comma-separated GGUF copies of the same weights for llama-bench (F32, F16, Q8_0, ...)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
@@ -175,6 +178,27 @@ class Gptcpp:
             pass
         total = time.perf_counter() - t0
         return (total - run.dec.inside) / total
+
+
+class LlamaCpp:
+    """llama.cpp's own benchmark binary on a GGUF copy of the same weights (pp and tg only)."""
+
+    def __init__(self, binary, gguf, threads):
+        if not os.path.isfile(binary) or not os.path.isfile(gguf):
+            raise FileNotFoundError(f"llama-bench or {gguf} not found")
+        self.binary, self.gguf, self.threads = binary, gguf, threads
+        self.name = "llama.cpp " + os.path.basename(gguf).replace("model-", "").replace(".gguf", "")
+
+    def measure(self, prompt_tokens, new_tokens):
+        r = subprocess.run([self.binary, "-m", self.gguf, "-t", str(self.threads), "-p", str(prompt_tokens),
+                            "-n", str(new_tokens), "-r", "1", "-o", "json"], capture_output=True, text=True,
+                           timeout=900)
+        if r.returncode:
+            raise RuntimeError(f"llama-bench failed: {r.stderr.strip()[-300:]}")
+        rows = json.loads(r.stdout)
+        pp = next(x["avg_ts"] for x in rows if x.get("n_prompt") == prompt_tokens and x.get("n_gen") == 0)
+        tg = next(x["avg_ts"] for x in rows if x.get("n_gen") == new_tokens and x.get("n_prompt") == 0)
+        return pp, tg
 
 
 class Transformers:
@@ -342,10 +366,21 @@ def run(args) -> int:
                 print(f"{cls.__name__}: not installed, skipped")
             except Exception as e:  # a peer that cannot run here must not end the run
                 print(f"{cls.__name__}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if args.peers and args.llama_bench and args.gguf:
+        for g in args.gguf.split(","):
+            try:
+                contenders.append(LlamaCpp(args.llama_bench, g.strip(), args.threads))
+            except (OSError, ValueError) as e:
+                print(f"llama.cpp {g}: skipped ({e})")
     best = {c.name: {"pp": 1e9, "tg": 1e9, "b16": 1e9} for c in contenders}
     for _ in range(args.repeat):  # interleaved: every contender once per round
         for c in contenders:
             b = best[c.name]
+            if isinstance(c, LlamaCpp):  # its own timer; tokens per second back to seconds
+                pp, tg = c.measure(T, args.new_tokens)
+                b["pp"], b["tg"] = min(b["pp"], T / pp), min(b["tg"], args.new_tokens / tg)
+                b["b16"] = float("inf")
+                continue
             b["pp"] = min(b["pp"], c.prefill(prompt))
             b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
             b["b16"] = min(b["b16"], c.decode(short, args.new_tokens))
@@ -398,7 +433,8 @@ def _print(out, peers):
     print(f"limits: read bandwidth {lim['read_bandwidth_gb_s']:.1f} GB/s (readings "
           f"{', '.join(f'{x:.1f}' for x in lim['bandwidth_readings_gb_s'])}); numpy fp32 GEMM "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in lim["numpy_gemm_gflops"].items() if k != "blas"))
-    best_peer = {k: max((p[k] for p in peers.values()), default=None) for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s")}
+    best_peer = {k: max((p[k] for p in peers.values() if p[k] > 0), default=None)
+                 for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s")}
     print(f"{'contender':20} {'pp tok/s':>10} {'tg tok/s':>10} {'batch tok/s':>12}  notes")
     for name, r in out["results"].items():
         notes = []
