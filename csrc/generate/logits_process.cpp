@@ -201,22 +201,9 @@ int32_t argmax(const float* logits, int vocab) {
 }
 
 int32_t sample_token(const float* logits, int vocab, double u) {
-  float mx, lse;
-  kernels().logsumexp(logits, vocab, &mx, &lse);
-  const double shift = static_cast<double>(mx) + lse;
-  double total = 0.0;
-  std::vector<double> p(vocab);
-  for (int i = 0; i < vocab; ++i) total += (p[i] = std::exp(static_cast<double>(logits[i]) - shift));
-  const double target = u * total;
-  double cum = 0.0;
-  int32_t last_valid = 0;
-  for (int i = 0; i < vocab; ++i) {
-    if (p[i] <= 0.0) continue;
-    cum += p[i];
-    last_valid = i;
-    if (cum > target) return i;
-  }
-  return last_valid;
+  std::vector<float> p;
+  softmax_probs(logits, vocab, p);
+  return sample_weights(p.data(), vocab, u);
 }
 
 TokenLogprobs token_logprobs(const float* logits, int vocab, int32_t token, int top_n) {
