@@ -41,6 +41,14 @@ def test_generate_json_and_options(model_dir):
     want = gptcpp.GPT2.from_pretrained(model_dir).generate("Hi", max_new_tokens=5, do_sample=True, seed=3, top_p=0.9)
     assert out["token_ids"] == want.token_ids and out["finish_reason"] == "length"
     assert len(out["logprobs"]) == 5 and len(out["logprobs"][0]["top_logprobs"]) == 2
+    want = gptcpp.GPT2.from_pretrained(model_dir).generate("Hi", max_new_tokens=4, logit_bias={100: 50.0},
+                                                           bad_words_ids=[[5, 6]])
+    r = run("generate", "--model", model_dir, "--max-new-tokens", "4", "--logit-bias", "100=50",
+            "--bad-words-ids", "5,6", "--json", "Hi")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids == [100] * 4
+    r = run("generate", "--model", model_dir, "--logit-bias", "oops", "Hi")
+    assert r.returncode != 0 and "--logit-bias takes" in r.stderr
     r = run("generate", "--model", model_dir, "--max-new-tokens", "4", "--num-beams", "3",
             "--num-return-sequences", "2", "--json", "-", stdin="From stdin")
     assert r.returncode == 0, r.stderr

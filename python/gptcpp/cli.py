@@ -63,6 +63,13 @@ def _add_generate(sub):
     p.add_argument("--early-stopping", dest="early_stopping", type=_bool_or_never, default=None)
     p.add_argument("--eos-token-id", dest="eos_token_id", type=int, action="append", default=None)
     p.add_argument("--stop", dest="stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--logit-bias", dest="logit_bias", action="append", default=None, metavar="TOKEN=BIAS",
+                   help="add BIAS to the logit of token id TOKEN (repeatable)")
+    p.add_argument("--bad-words-ids", dest="bad_words_ids", action="append", default=None, metavar="ID,ID,...",
+                   help="a token sequence that must not be generated (repeatable)")
+    p.add_argument("--num-assistant-tokens-schedule", dest="num_assistant_tokens_schedule",
+                   choices=["heuristic", "constant"], default=None)
+    p.add_argument("--max-matching-ngram-size", dest="max_matching_ngram_size", type=int, default=None)
     p.add_argument("--assistant-model", default=None, help="a draft model for speculative decoding")
     p.add_argument("--json", action="store_true", help="print the full result(s) as JSON instead of streaming")
     p.set_defaults(func=cmd_generate)
@@ -71,9 +78,17 @@ def _add_generate(sub):
 def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options = {name: getattr(args, name) for _, name, _ in GEN_FLAGS if getattr(args, name) is not None}
-    for name in ("do_sample", "early_stopping", "eos_token_id", "stop"):
+    for name in ("do_sample", "early_stopping", "eos_token_id", "stop", "num_assistant_tokens_schedule",
+                 "max_matching_ngram_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    try:
+        if args.logit_bias:
+            options["logit_bias"] = {int(t): float(b) for t, b in (item.split("=", 1) for item in args.logit_bias)}
+        if args.bad_words_ids:
+            options["bad_words_ids"] = [[int(t) for t in item.split(",")] for item in args.bad_words_ids]
+    except ValueError:
+        raise UsageError("--logit-bias takes TOKEN=BIAS and --bad-words-ids a comma-separated list of token ids") from None
     model = _load(args)
     if args.assistant_model:
         from .model import GPT2
