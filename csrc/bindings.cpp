@@ -63,19 +63,48 @@ DType dtype_of(const py::array& w, const std::string& name) {
   if (kind == 'f' && item == 4) return DType::f32;
   if (kind == 'f' && item == 2) return DType::f16;
   if (kind == 'u' && item == 2) return DType::bf16;
-  if (kind == 'i' && item == 1) return DType::i8;
+  if (kind == 'i' && item == 1) return DType::q8;
   throw std::invalid_argument("tensor " + name + " must be float32, float16, uint16 (bf16) or int8");
 }
 
-// A weight matrix in its storage format; int8 comes with a float32 "<name>.scale" vector of n_scales
-// per-channel scales. A [K,N] matrix may come blocked, as an array [ceil(N/64), K, 64] (see kernels.h).
+// q8 weights (kernels.h): int8 [ceil(N/64)][Kp/4][64][4] and fp16 scales [ceil(N/64)][Kp/32][64] for a [K,N]
+// matrix, Kp = K rounded up to 32 (qmatmul.inl's layout). Checked in full: a wrong shape must not be read.
+WeightView q8_view(const py::array& q, const py::array& scales, int64_t K, int64_t N, const std::string& name) {
+  const int64_t nb = (N + kBlockCols - 1) / kBlockCols, Kp = (K + kQuantGroup - 1) / kQuantGroup * kQuantGroup;
+  if (q.ndim() != 4 || q.shape(0) != nb || q.shape(1) != Kp / 4 || q.shape(2) != kBlockCols || q.shape(3) != 4)
+    throw std::invalid_argument("int8 tensor " + name + " must have shape (" + std::to_string(nb) + ", " +
+                                std::to_string(Kp / 4) + ", 64, 4)");
+  if (scales.dtype().kind() != 'f' || scales.itemsize() != 2 || scales.ndim() != 3 || scales.shape(0) != nb ||
+      scales.shape(1) != Kp / kQuantGroup || scales.shape(2) != kBlockCols)
+    throw std::invalid_argument("scales of " + name + " must be float16 of shape (" + std::to_string(nb) + ", " +
+                                std::to_string(Kp / kQuantGroup) + ", 64)");
+  if (!(q.flags() & py::array::c_style) || !(scales.flags() & py::array::c_style))
+    throw std::invalid_argument("tensor " + name + " must be C-contiguous");
+  WeightView w;
+  w.data = q.data();
+  w.dtype = DType::q8;
+  w.group_scales = static_cast<const uint16_t*>(scales.data());
+  w.blocked = true;
+  return w;
+}
+
+// A weight matrix in its storage format. shape is the checkpoint's: [K,N] for a Conv1D weight, [vocab, n_embd]
+// for the embedding / LM head (rows_are_outputs), whose q8 form is stored transposed. f32/f16/bf16 [K,N] may
+// come blocked, as an array [ceil(N/64), K, 64] (see kernels.h); q8 brings a "<name>.scale" tensor.
 WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string& name, std::vector<int64_t> shape,
-                         int64_t n_scales) {
+                         bool rows_are_outputs = false) {
   if (!tensors.contains(name)) throw std::invalid_argument("missing tensor " + name);
   py::array arr = py::reinterpret_borrow<py::array>(tensors[name.c_str()]);
   if (!(arr.flags() & py::array::c_style)) throw std::invalid_argument("tensor " + name + " must be C-contiguous");
   WeightView w;
-  if (arr.ndim() == 3 && shape.size() == 2) {
+  if (dtype_of(arr, name) == DType::q8) {
+    const std::string sname = name + ".scale";
+    if (!tensors.contains(sname)) throw std::invalid_argument("missing tensor " + sname);
+    py::array scales = py::reinterpret_borrow<py::array>(tensors[sname.c_str()]);
+    const int64_t K = rows_are_outputs ? shape[1] : shape[0], N = rows_are_outputs ? shape[0] : shape[1];
+    w = q8_view(arr, scales, K, N, name);
+    m.keep_alive.push_back(scales);
+  } else if (arr.ndim() == 3 && !rows_are_outputs) {
     const int64_t K = shape[0], N = shape[1];
     if (arr.shape(0) != (N + kBlockCols - 1) / kBlockCols || arr.shape(1) != K || arr.shape(2) != kBlockCols)
       throw std::invalid_argument("blocked tensor " + name + " has the wrong shape");
@@ -89,7 +118,6 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
   m.keep_alive.push_back(arr);
   w.data = arr.data();
   w.dtype = dtype_of(arr, name);
-  if (w.dtype == DType::i8) w.scales = borrow(m, tensors, name + ".scale", {n_scales});
   return w;
 }
 
@@ -113,28 +141,28 @@ std::shared_ptr<PyModel> make_model(const py::dict& config, const py::dict& tens
   GPT2Config c = config_from(config);
   const int64_t C = c.n_embd, I = c.n_inner, V = c.vocab_size;
   GPT2Weights w;
-  w.wte = borrow_matrix(*m, tensors, "wte.weight", {V, C}, V);
+  w.wte = borrow_matrix(*m, tensors, "wte.weight", {V, C}, true);
   w.wpe = borrow(*m, tensors, "wpe.weight", {c.n_positions, C});
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string p = "h." + std::to_string(l) + ".";
     LayerWeights lw;
     lw.ln_1_weight = borrow(*m, tensors, p + "ln_1.weight", {C});
     lw.ln_1_bias = borrow(*m, tensors, p + "ln_1.bias", {C});
-    lw.attn_weight = borrow_matrix(*m, tensors, p + "attn.c_attn.weight", {C, 3 * C}, 3 * C);
+    lw.attn_weight = borrow_matrix(*m, tensors, p + "attn.c_attn.weight", {C, 3 * C});
     lw.attn_bias = borrow(*m, tensors, p + "attn.c_attn.bias", {3 * C});
-    lw.attn_proj_weight = borrow_matrix(*m, tensors, p + "attn.c_proj.weight", {C, C}, C);
+    lw.attn_proj_weight = borrow_matrix(*m, tensors, p + "attn.c_proj.weight", {C, C});
     lw.attn_proj_bias = borrow(*m, tensors, p + "attn.c_proj.bias", {C});
     lw.ln_2_weight = borrow(*m, tensors, p + "ln_2.weight", {C});
     lw.ln_2_bias = borrow(*m, tensors, p + "ln_2.bias", {C});
-    lw.fc_weight = borrow_matrix(*m, tensors, p + "mlp.c_fc.weight", {C, I}, I);
+    lw.fc_weight = borrow_matrix(*m, tensors, p + "mlp.c_fc.weight", {C, I});
     lw.fc_bias = borrow(*m, tensors, p + "mlp.c_fc.bias", {I});
-    lw.mlp_proj_weight = borrow_matrix(*m, tensors, p + "mlp.c_proj.weight", {I, C}, C);
+    lw.mlp_proj_weight = borrow_matrix(*m, tensors, p + "mlp.c_proj.weight", {I, C});
     lw.mlp_proj_bias = borrow(*m, tensors, p + "mlp.c_proj.bias", {C});
     w.layers.push_back(lw);
   }
   w.ln_f_weight = borrow(*m, tensors, "ln_f.weight", {C});
   w.ln_f_bias = borrow(*m, tensors, "ln_f.bias", {C});
-  w.lm_head = tensors.contains("lm_head.weight") ? borrow_matrix(*m, tensors, "lm_head.weight", {V, C}, V) : w.wte;
+  w.lm_head = tensors.contains("lm_head.weight") ? borrow_matrix(*m, tensors, "lm_head.weight", {V, C}, true) : w.wte;
   m->model = std::make_unique<GPT2Model>(c, w);
   return m;
 }
@@ -241,7 +269,11 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("isa", []() { return std::string(isa_name(selected_isa())); }, "the instruction set level in use");
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); });
-  m.def("all_isas", []() { return std::vector<std::string>{"generic", "avx2", "avx512"}; });
+  m.def("all_isas", []() {
+    std::vector<std::string> names;
+    for (Isa i : all_isas()) names.push_back(isa_name(i));
+    return names;
+  });
 
   py::class_<KVCache, std::shared_ptr<KVCache>>(m, "KVCache")
       .def_property_readonly("length", &KVCache::length)
@@ -384,35 +416,29 @@ PYBIND11_MODULE(_core, m) {
 
   // Kernel entry points for tests: each runs one kernel of the named instruction-set level.
   py::module_ k = m.def_submodule("kernels", "single kernels by instruction-set level, for tests");
-  // Weights for the matmul test entry points: float32, float16, uint16 holding bf16, or int8 with scales.
-  // Weights for the matmul test entry points: float32, float16, uint16 holding bf16, or int8 with scales.
-  auto view_of = [](py::array w, py::object scales, std::vector<FloatArray>& keep) {
-    if (!(w.flags() & py::array::c_style)) throw std::invalid_argument("weight must be C-contiguous");
-    WeightView v;
-    v.data = w.data();
-    v.dtype = dtype_of(w, "weight");
-    if (v.dtype == DType::i8) {
-      if (scales.is_none()) throw std::invalid_argument("int8 weights need scales");
-      keep.push_back(scales.cast<FloatArray>());
-      v.scales = keep.back().data();
-    }
-    return v;
-  };
-  k.def("matmul", [view_of](const std::string& isa, FloatArray inp, py::array weight, py::object bias, FloatArray out,
-                            bool accumulate, py::object scales) {
-    // weight [K, N], or blocked [ceil(N/64), K, 64]
+  // matmul: weight float32, float16 or uint16 (bf16) as [K, N] or blocked [ceil(N/64), K, 64]; or int8 in the
+  // q8 layout with its fp16 scales.
+  k.def("matmul", [](const std::string& isa, FloatArray inp, py::array weight, py::object bias, FloatArray out,
+                     bool accumulate, py::object scales) {
     const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(out.shape(1));
-    const bool blocked = weight.ndim() == 3;
-    if (out.shape(0) != M || (blocked ? (weight.shape(0) != (N + kBlockCols - 1) / kBlockCols || weight.shape(1) != K ||
-                                         weight.shape(2) != kBlockCols)
-                                      : (weight.shape(0) != K || weight.shape(1) != N)))
-      throw std::invalid_argument("shape mismatch");
-    std::vector<FloatArray> keep;
-    WeightView wv = view_of(weight, scales, keep);
-    wv.blocked = blocked;
+    if (!(weight.flags() & py::array::c_style)) throw std::invalid_argument("weight must be C-contiguous");
+    if (out.shape(0) != M) throw std::invalid_argument("shape mismatch");
+    WeightView wv;
+    if (dtype_of(weight, "weight") == DType::q8) {
+      if (scales.is_none()) throw std::invalid_argument("int8 weights need scales");
+      wv = q8_view(weight, scales.cast<py::array>(), K, N, "weight");
+    } else {
+      const bool blocked = weight.ndim() == 3;
+      if (blocked ? (weight.shape(0) != (N + kBlockCols - 1) / kBlockCols || weight.shape(1) != K ||
+                     weight.shape(2) != kBlockCols)
+                  : (weight.ndim() != 2 || weight.shape(0) != K || weight.shape(1) != N))
+        throw std::invalid_argument("shape mismatch");
+      wv.data = weight.data();
+      wv.dtype = dtype_of(weight, "weight");
+      wv.blocked = blocked;
+    }
     FloatArray b = bias.is_none() ? FloatArray() : bias.cast<FloatArray>();
     if (!bias.is_none() && b.size() != N) throw std::invalid_argument("bias must have N values");
-    if (wv.scales && keep.back().size() != N) throw std::invalid_argument("scales must have N values");
     FloatArray o(out);
     with_isa(isa, [&](const KernelTable& t) {
       t.matmul_forward(o.mutable_data(), inp.data(), wv, bias.is_none() ? nullptr : b.data(), M, K, N, K, N, N, accumulate);
@@ -420,16 +446,19 @@ PYBIND11_MODULE(_core, m) {
     return o;
   }, py::arg("isa"), py::arg("inp"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("accumulate"),
      py::arg("scales") = py::none());
-  k.def("matmul_nt", [view_of](const std::string& isa, FloatArray inp, py::array weight, py::object scales) {
+  // matmul_nt: weight [N, K] float32, float16 or uint16 (bf16).
+  k.def("matmul_nt", [](const std::string& isa, FloatArray inp, py::array weight) {
     const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(weight.shape(0));
-    if (weight.shape(1) != K) throw std::invalid_argument("shape mismatch");
-    std::vector<FloatArray> keep;
-    WeightView wv = view_of(weight, scales, keep);
-    if (wv.scales && keep.back().size() != N) throw std::invalid_argument("scales must have N values");
+    if (weight.ndim() != 2 || weight.shape(1) != K) throw std::invalid_argument("shape mismatch");
+    if (!(weight.flags() & py::array::c_style)) throw std::invalid_argument("weight must be C-contiguous");
+    WeightView wv;
+    wv.data = weight.data();
+    wv.dtype = dtype_of(weight, "weight");
+    if (wv.dtype == DType::q8) throw std::invalid_argument("int8 weights are multiplied by matmul, in their own layout");
     FloatArray o({M, N});
     with_isa(isa, [&](const KernelTable& t) { t.matmul_nt_forward(o.mutable_data(), inp.data(), wv, M, K, N, N); });
     return o;
-  }, py::arg("isa"), py::arg("inp"), py::arg("weight"), py::arg("scales") = py::none());
+  }, py::arg("isa"), py::arg("inp"), py::arg("weight"));
   k.def("layernorm", [](const std::string& isa, FloatArray inp, FloatArray w, FloatArray b, float eps) {
     const int M = static_cast<int>(inp.shape(0)), C = static_cast<int>(inp.shape(1));
     if (w.size() != C || b.size() != C) throw std::invalid_argument("weight and bias must have C values");

@@ -5,22 +5,58 @@ import pytest
 
 import gptcpp
 from gptcpp import _core
-from gptcpp.quantize import bf16_to_f32, from_blocked, quantize_int8, to_bf16, to_blocked
+from gptcpp.quantize import GROUP, bf16_to_f32, dequantize_int8, from_blocked, quantize_int8, to_bf16, to_blocked
 from conftest import random_gpt2, rng_ids, save
 
 
 def stored(w, dtype):
-    """(array the kernel takes, float64 values it represents, scales or None)"""
+    """(array the kernel takes, float64 values it represents) for the formats computed in float32"""
     if dtype == "fp32":
-        return w, w.astype(np.float64), None
+        return w, w.astype(np.float64)
     if dtype == "fp16":
         h = w.astype(np.float16)
-        return h, h.astype(np.float64), None
-    if dtype == "bf16":
-        b = to_bf16(w)
-        return b, bf16_to_f32(b).astype(np.float64), None
-    q, s = quantize_int8(w, 0)
-    return q, q.astype(np.float64), s
+        return h, h.astype(np.float64)
+    b = to_bf16(w)
+    return b, bf16_to_f32(b).astype(np.float64)
+
+
+def int8_reference(a, q, s, K, N, bias):
+    """The int8 kernel's arithmetic in numpy: activations quantized per row in groups of 32 (scale amax / 127,
+    values rounded to nearest even), each group's products summed exactly, and the float sum
+    acc = fma(float(isum), xs * ws, acc) over the groups in order (fma emulated in float64, exact for these
+    operand sizes up to the final rounding), then + bias."""
+    M, Kp = a.shape[0], q.shape[1] * 4
+    x = np.zeros((M, Kp), np.float32)
+    x[:, :K] = a
+    xg = x.reshape(M, Kp // GROUP, GROUP)
+    amax = np.abs(xg).max(axis=2)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    xq = np.clip(np.rint(xg * inv[:, :, None]), -127, 127).astype(np.int64)
+    xs = (amax / np.float32(127)).astype(np.float32)
+    wq = q.transpose(1, 3, 0, 2).reshape(Kp // GROUP, GROUP, -1)[:, :, :N].astype(np.int64)
+    ws = s.astype(np.float32).transpose(1, 0, 2).reshape(Kp // GROUP, -1)[:, :N]
+    acc = np.zeros((M, N), np.float32)
+    for g in range(Kp // GROUP):
+        isum = (xq[:, g, :] @ wq[g]).astype(np.float32)
+        scale = (xs[:, g:g + 1] * ws[g][None, :]).astype(np.float32)
+        acc = (isum.astype(np.float64) * scale + acc).astype(np.float32)
+    return acc + bias
+
+
+def test_int8_layout_roundtrip():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((70, 130)).astype(np.float32)
+    w[3] *= 40  # an outlier input channel costs only its own groups their precision
+    q, s = quantize_int8("w", w)
+    assert q.shape == (3, 24, 64, 4) and s.shape == (3, 3, 64) and s.dtype == np.float16
+    assert not q[2, :, 2:].any() and not q[:, 70 // 4 + 1:].any()  # zero padding: columns past N, k past K
+    back = dequantize_int8(q, s, 70, 130)
+    step = np.repeat(s.transpose(1, 0, 2).reshape(3, -1)[:, :130].astype(np.float32), GROUP, axis=0)[:70]
+    assert np.all(np.abs(back - w) <= 0.5 * step * 1.01 + 1e-7)
+    assert np.abs(back - w)[32:].max() < 0.05  # groups away from the outlier row keep fine steps
+    with pytest.raises(ValueError, match="beyond int8"):
+        quantize_int8("w", np.full((32, 4), np.inf, np.float32))
 
 
 def test_blocked_layout_roundtrip():
@@ -29,39 +65,95 @@ def test_blocked_layout_roundtrip():
     assert b.shape == (3, 7, 64) and np.array_equal(from_blocked(b, 130), w) and not b[2, :, 2:].any()
 
 
+MATMUL_SHAPES = [(1, 37, 53), (3, 64, 100), (8, 100, 77), (70, 33, 130), (1, 768, 96), (5, 20, 200)]
+
+
 @pytest.mark.parametrize("blocked", [False, True])
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
-@pytest.mark.parametrize("M,K,N", [(1, 37, 53), (3, 64, 100), (8, 100, 77), (70, 33, 130), (1, 768, 96), (5, 20, 200)])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M,K,N", MATMUL_SHAPES)
 def test_matmul_formats_against_numpy(isa, dtype, blocked, M, K, N):
     rng = np.random.default_rng(M * K + N)
     a = rng.standard_normal((M, K), dtype=np.float32)
     w = rng.standard_normal((K, N), dtype=np.float32)
     b = rng.standard_normal(N).astype(np.float32)
-    arr, vals, scales = stored(w, dtype)
+    arr, vals = stored(w, dtype)
     if blocked:
         arr = to_blocked(arr)
-    ref = a.astype(np.float64) @ vals
-    if scales is not None:
-        ref = ref * scales
-    ref += b
-    out = _core.kernels.matmul(isa, a, arr, b, np.zeros((M, N), np.float32), False, scales)
+    ref = a.astype(np.float64) @ vals + b
+    out = _core.kernels.matmul(isa, a, arr, b, np.zeros((M, N), np.float32), False)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("M,K,N", MATMUL_SHAPES + [(16, 768, 200), (40, 64, 64), (2, 3072, 70)])
+def test_int8_matmul_against_numpy(isa, M, K, N):
+    rng = np.random.default_rng(M * K + N)
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    a[:, 1] *= 50  # an outlier activation channel
+    a[0, :min(K, 40)] = 0.0  # an all-zero group
+    w = rng.standard_normal((K, N), dtype=np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    q, s = quantize_int8("w", w)
+    out = _core.kernels.matmul(isa, a, q, b, np.zeros((M, N), np.float32), False, s)
+    ref = int8_reference(a, q, s, K, N, b)
+    # generic's fma rounds twice; the SIMD levels round once, as the reference does
+    np.testing.assert_allclose(out, ref, rtol=1e-6 if isa == "generic" else 2e-7, atol=1e-6 * np.sqrt(K))
+    acc = _core.kernels.matmul(isa, a, q, b, out.copy(), True, s)
+    np.testing.assert_allclose(acc, out + out, rtol=1e-6)
+
+
+def test_int8_matmul_same_bits_on_every_x86_level():
+    """The int8 kernels differ per level only in how they form exact integer sums (vpdpbusd with an offset,
+    vpmaddubsw with moved signs): every x86 level must give the same bits, rows alone or batched."""
+    levels = [i for i in _core.cpu_info()["supported_isas"] if i != "generic"]
+    if len(levels) < 2:
+        pytest.skip(f"this CPU has only {levels} besides generic")
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((19, 300), dtype=np.float32)
+    q, s = quantize_int8("w", rng.standard_normal((300, 150), dtype=np.float32))
+    outs = {i: _core.kernels.matmul(i, a, q, None, np.zeros((19, 150), np.float32), False, s) for i in levels}
+    for i in levels:
+        assert np.array_equal(outs[i], outs[levels[0]]), i
+        alone = np.concatenate([_core.kernels.matmul(i, a[r:r + 1], q, None, np.zeros((1, 150), np.float32),
+                                                     False, s) for r in range(19)])
+        assert np.array_equal(alone, outs[i]), i
+
+
+def test_int8_matmul_propagates_nan():
+    a = np.ones((2, 64), np.float32)
+    a[1, 40] = np.nan
+    q, s = quantize_int8("w", np.ones((64, 8), np.float32))
+    out = _core.kernels.matmul(_core.isa(), a, q, None, np.zeros((2, 8), np.float32), False, s)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_lm_head_formats_against_numpy(isa, dtype):
     rng = np.random.default_rng(1)
     a = rng.standard_normal((5, 70), dtype=np.float32)
     w = rng.standard_normal((301, 70), dtype=np.float32)
-    if dtype == "int8":
-        q, s = quantize_int8(w, 1)
-        ref = (a.astype(np.float64) @ q.T.astype(np.float64)) * s
-        out = _core.kernels.matmul_nt(isa, a, q, s)
-    else:
-        arr, vals, _ = stored(w, dtype)
-        ref = a.astype(np.float64) @ vals.T
-        out = _core.kernels.matmul_nt(isa, a, arr)
+    arr, vals = stored(w, dtype)
+    ref = a.astype(np.float64) @ vals.T
+    out = _core.kernels.matmul_nt(isa, a, arr)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_embedding_table_transposed(outlier_model):
+    """The core also takes the embedding / LM head in int8, stored transposed ([n_embd, vocab], like a Conv1D
+    weight): the LM head is then an int8 matmul and a lookup gathers a token's column. Its hidden states and
+    logits match an fp32 model given the dequantized table up to int8's error (a neighbour's column or a wrong
+    group scale would be off by the whole spread)."""
+    ref = gptcpp.GPT2.from_pretrained(outlier_model)
+    q, s = quantize_int8("wte", ref._tensors["wte.weight"].T)
+    model = gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": q, "wte.weight.scale": s}, None)
+    twin = gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": np.ascontiguousarray(dequantize_int8(q, s, 64, 400).T)})
+    for token in (0, 63, 64, 399):
+        got, want = model.hidden_states([token, 1]), twin.hidden_states([token, 1])
+        assert np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()) < 1e-6, token
+    ids = rng_ids(30, 400, seed=1)
+    got, want = model.logits(ids), twin.logits(ids)
+    assert np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()) < 0.02
+    with pytest.raises(ValueError, match="must have shape"):
+        gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": q[:, :-1].copy(), "wte.weight.scale": s}, None)
 
 
 def test_f16_conversion_exhaustive(isa):
@@ -117,6 +209,10 @@ def test_unknown_dtype_is_refused(outlier_model):
         gptcpp.GPT2.from_pretrained(outlier_model, dtype="int3")
 
 
+def stored_dtype(dtype):
+    return {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}[dtype]
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "int8"])
 def test_quantized_checkpoint_loads_without_conversion(outlier_model, tmp_path, dtype):
     from gptcpp.quantize import save_quantized
@@ -128,7 +224,7 @@ def test_quantized_checkpoint_loads_without_conversion(outlier_model, tmp_path, 
     assert np.array_equal(stored.logits(ids), converted.logits(ids))  # same numbers, bit for bit
     # weights are views of the mapped file, not copies
     big = stored._tensors["h.0.mlp.c_fc.weight"]
-    assert not big.flags.owndata
+    assert not big.flags.owndata and big.dtype == np.dtype(stored_dtype(dtype))
     assert gptcpp.GPT2.from_pretrained(dst, dtype=dtype).dtype == dtype
     other = "fp16" if dtype != "fp16" else "bf16"
     with pytest.raises(ValueError, match=f"holds {dtype} weights"):

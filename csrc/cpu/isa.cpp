@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <stdexcept>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -77,7 +78,9 @@ bool supports(const CpuFeatures& f, Isa isa) {
   switch (isa) {
     case Isa::generic: return true;
     case Isa::avx2: return f.avx2 && f.fma && f.f16c;
+    case Isa::avx2_vnni: return supports(f, Isa::avx2) && f.avx_vnni;
     case Isa::avx512: return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+    case Isa::avx512_vnni: return supports(f, Isa::avx512) && f.avx512_vnni;
   }
   return false;
 }
@@ -113,22 +116,31 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::generic: return "generic";
     case Isa::avx2: return "avx2";
+    case Isa::avx2_vnni: return "avx2-vnni";
     case Isa::avx512: return "avx512";
+    case Isa::avx512_vnni: return "avx512-vnni";
   }
   return "?";
 }
 
+constexpr Isa kAllIsas[] = {Isa::generic, Isa::avx2, Isa::avx2_vnni, Isa::avx512, Isa::avx512_vnni};
+
+std::vector<Isa> all_isas() { return std::vector<Isa>(std::begin(kAllIsas), std::end(kAllIsas)); }
+
 std::vector<Isa> supported_isas() {
   std::vector<Isa> out;
-  for (Isa i : {Isa::generic, Isa::avx2, Isa::avx512})
+  for (Isa i : kAllIsas)
     if (supports(cpu_features(), i)) out.push_back(i);
   return out;
 }
 
 Isa parse_isa(const std::string& name) {
-  for (Isa i : {Isa::generic, Isa::avx2, Isa::avx512})
+  std::string known;
+  for (Isa i : kAllIsas) {
     if (name == isa_name(i)) return i;
-  throw std::invalid_argument("unknown instruction set level '" + name + "' (known: generic, avx2, avx512)");
+    known += (known.empty() ? "" : ", ") + std::string(isa_name(i));
+  }
+  throw std::invalid_argument("unknown instruction set level '" + name + "' (known: " + known + ")");
 }
 
 Isa selected_isa() { return static_cast<Isa>(current().load()); }

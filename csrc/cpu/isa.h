@@ -6,8 +6,11 @@
 
 namespace gptcpp {
 
-// Ordered: each level implies the ones before it.
-enum class Isa { generic = 0, avx2 = 1, avx512 = 2 };
+// Ordered by preference: the best supported level is the last one the CPU has. A level needs everything
+// its name says: avx2 is AVX2 + FMA + F16C, avx512 adds F/BW/VL/DQ, the -vnni levels add the int8 dot
+// product (AVX-VNNI on 256-bit registers, AVX512-VNNI). avx512 does not imply avx2-vnni (Skylake-SP has
+// the first and not the second), so each level is checked on its own.
+enum class Isa { generic = 0, avx2 = 1, avx2_vnni = 2, avx512 = 3, avx512_vnni = 4 };
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
@@ -18,6 +21,8 @@ struct CpuFeatures {
 
 const CpuFeatures& cpu_features();
 const char* isa_name(Isa isa);
+// Every level this build knows, in preference order.
+std::vector<Isa> all_isas();
 // Levels this CPU (and OS) can run, lowest first.
 std::vector<Isa> supported_isas();
 // Parses a level name; throws std::invalid_argument naming the value for an unknown one.

@@ -26,14 +26,10 @@ struct Vec {
   static inline reg load_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   }
-  static inline reg load_i8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
   template <class T>
   static inline void copy_tail(T* dst, const T* src, int n) { for (int i = 0; i < 8; ++i) dst[i] = i < n ? src[i] : T(0); }
   static inline reg load_f16_partial(const uint16_t* p, int n) { uint16_t t[8]; copy_tail(t, p, n); return load_f16(t); }
   static inline reg load_bf16_partial(const uint16_t* p, int n) { uint16_t t[8]; copy_tail(t, p, n); return load_bf16(t); }
-  static inline reg load_i8_partial(const int8_t* p, int n) { int8_t t[8]; copy_tail(t, p, n); return load_i8(t); }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
@@ -66,6 +62,30 @@ struct Vec {
     return _mm_cvtss_f32(s);
   }
 };
+
+// int8 dot products of the grouped int8 format (qmatmul.inl); see vec_avx512.h. 8 int32 lanes, one per column.
+struct QDot {
+  using ireg = __m256i;
+  static inline ireg zero() { return _mm256_setzero_si256(); }
+  static inline ireg load(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline Vec::reg to_float(ireg a) { return _mm256_cvtepi32_ps(a); }
+  static inline ireg sub(ireg a, ireg b) { return _mm256_sub_epi32(a, b); }
+#ifdef __AVXVNNI__
+  static constexpr bool offset = true;
+  static inline ireg bcast(int32_t x4) { return _mm256_set1_epi32(x4 ^ static_cast<int32_t>(0x80808080u)); }
+  static inline ireg dot(ireg acc, ireg x, ireg w) { return _mm256_dpbusd_avx_epi32(acc, x, w); }
+  static inline ireg offset_dot(ireg acc, ireg w) { return _mm256_dpbusd_avx_epi32(acc, _mm256_set1_epi32(static_cast<int32_t>(0x80808080u)), w); }
+#else
+  static constexpr bool offset = false;
+  static inline ireg bcast(int32_t x4) { return _mm256_set1_epi32(x4); }
+  static inline ireg dot(ireg acc, ireg x, ireg w) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  static inline ireg offset_dot(ireg acc, ireg) { return acc; }
+#endif
+};
+
 
 }  // namespace GPTCPP_ISA_NS
 }  // namespace gptcpp

@@ -26,10 +26,8 @@ struct Vec {
   // Weights stored narrower than float32, widened exactly on load.
   static inline reg load_f16_partial(const uint16_t* p, int n) { reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = gptcpp::f16_to_f32(p[i]); return r; }
   static inline reg load_bf16_partial(const uint16_t* p, int n) { reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = gptcpp::bf16_to_f32(p[i]); return r; }
-  static inline reg load_i8_partial(const int8_t* p, int n) { reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = static_cast<float>(p[i]); return r; }
   static inline reg load_f16(const uint16_t* p) { return load_f16_partial(p, 8); }
   static inline reg load_bf16(const uint16_t* p) { return load_bf16_partial(p, 8); }
-  static inline reg load_i8(const int8_t* p) { return load_i8_partial(p, 8); }
 #define GPTCPP_VEC_BINOP(name, expr) \
   static inline reg name(reg a, reg b) { reg r; for (int i = 0; i < 8; ++i) { float x = a.v[i], y = b.v[i]; r.v[i] = (expr); } return r; }
   GPTCPP_VEC_BINOP(add, x + y)
@@ -57,6 +55,37 @@ struct Vec {
   }
   static inline float reduce_max(reg a) { float m = a.v[0]; for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m; return m; }
 };
+
+// int8 dot products of the grouped int8 format (qmatmul.inl); see vec_avx512.h. 8 int32 lanes, one per column;
+// a weight "register" is 32 bytes: 4 consecutive k of each of 8 columns.
+struct QDot {
+  struct ireg { int32_t v[8]; };
+  static constexpr bool offset = false;
+  static inline ireg zero() { ireg r; for (int i = 0; i < 8; ++i) r.v[i] = 0; return r; }
+  static inline ireg load(const int8_t* p) { return load_bytes(p); }
+  static inline Vec::reg to_float(ireg a) { Vec::reg r; for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(a.v[i]); return r; }
+  static inline ireg sub(ireg a, ireg b) { for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i]; return a; }
+  static inline ireg bcast(int32_t x4) { ireg r; for (int i = 0; i < 8; ++i) r.v[i] = x4; return r; }
+  static inline ireg dot(ireg acc, ireg x, ireg w) {
+    for (int i = 0; i < 8; ++i)
+      for (int b = 0; b < 4; ++b)
+        acc.v[i] += static_cast<int32_t>(static_cast<int8_t>(x.v[i] >> (8 * b))) * static_cast<int8_t>(w.v[i] >> (8 * b));
+    return acc;
+  }
+  static inline ireg offset_dot(ireg acc, ireg) { return acc; }
+
+ private:
+  static inline ireg load_bytes(const int8_t* p) {
+    ireg r;
+    for (int i = 0; i < 8; ++i)
+      r.v[i] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(p[4 * i])) |
+                                    static_cast<uint32_t>(static_cast<uint8_t>(p[4 * i + 1])) << 8 |
+                                    static_cast<uint32_t>(static_cast<uint8_t>(p[4 * i + 2])) << 16 |
+                                    static_cast<uint32_t>(static_cast<uint8_t>(p[4 * i + 3])) << 24);
+    return r;
+  }
+};
+
 
 }  // namespace GPTCPP_ISA_NS
 }  // namespace gptcpp

@@ -15,7 +15,7 @@ void attention_rows(float* out, const float* q, const float* kt, const float* v,
   constexpr int W = Vec::width;
   const int n_keys = pos0 + T;
   float* S = scratch_floats(static_cast<int64_t>(T) * n_keys, 1);
-  matmul_detail::matmul_impl<matmul_detail::F32W>(S, q, kt, false, nullptr, nullptr, T, hd, n_keys, ld_q, n_keys, ld_k, false);
+  matmul_detail::matmul_impl<matmul_detail::F32W>(S, q, kt, false, nullptr, T, hd, n_keys, ld_q, n_keys, ld_k, false);
   const R vscale = Vec::set1(scale);
   for (int t = 0; t < T; ++t) {
     float* s = S + static_cast<int64_t>(t) * n_keys;
@@ -60,7 +60,7 @@ void attention_rows(float* out, const float* q, const float* kt, const float* v,
     for (; j < valid; ++j) s[j] *= 1.0f / sum;
     for (j = valid; j < n_keys; ++j) s[j] = 0.0f;
   }
-  matmul_detail::matmul_impl<matmul_detail::F32W>(out, S, v, false, nullptr, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
+  matmul_detail::matmul_impl<matmul_detail::F32W>(out, S, v, false, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
 }
 
 void attention_forward(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,

@@ -14,7 +14,9 @@ namespace gptcpp {
 extern const KernelTable generic_kernels;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const KernelTable avx2_kernels;
+extern const KernelTable avx2_vnni_kernels;
 extern const KernelTable avx512_kernels;
+extern const KernelTable avx512_vnni_kernels;
 #endif
 
 const KernelTable& kernels_for(Isa isa) {
@@ -22,7 +24,9 @@ const KernelTable& kernels_for(Isa isa) {
     case Isa::generic: return generic_kernels;
 #if defined(__x86_64__) || defined(_M_X64)
     case Isa::avx2: return avx2_kernels;
+    case Isa::avx2_vnni: return avx2_vnni_kernels;
     case Isa::avx512: return avx512_kernels;
+    case Isa::avx512_vnni: return avx512_vnni_kernels;
 #endif
     default: break;
   }
@@ -35,7 +39,7 @@ int dtype_size(DType d) {
   switch (d) {
     case DType::f32: return 4;
     case DType::f16: case DType::bf16: return 2;
-    case DType::i8: return 1;
+    case DType::q8: return 1;
   }
   return 4;
 }
@@ -54,7 +58,7 @@ float* scratch_floats(int64_t n, int slot) {
     int64_t size = 0;
     ~Buffer() { std::free(data); }
   };
-  thread_local Buffer bufs[2];
+  thread_local Buffer bufs[3];
   Buffer& buf = bufs[slot];
   if (buf.size < n) {
     std::free(buf.data);

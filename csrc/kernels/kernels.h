@@ -11,18 +11,21 @@ namespace gptcpp {
 
 enum class Activation { gelu_tanh, gelu_erf, quick_gelu, relu, silu, tanh, sigmoid, linear };
 
-// How a weight matrix is stored. Narrow formats are widened to float32 exactly in registers, so compute is
-// always float32; int8 is symmetric per output channel: w = q * scales[channel].
-enum class DType { f32 = 0, f16 = 1, bf16 = 2, i8 = 3 };
+// How a weight matrix is stored. f16 / bf16 are widened to float32 exactly in registers, so their compute is
+// float32. q8 is int8 symmetric in groups of kQuantGroup along k with an fp16 scale per group and column,
+// multiplied against activations quantized the same way (qmatmul.inl); it exists only as a [K,N] matrix in
+// qmatmul.inl's layout (the LM head too, as the transposed embedding [n_embd, vocab]).
+enum class DType { f32 = 0, f16 = 1, bf16 = 2, q8 = 3 };
 struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::f32;
-  const float* scales = nullptr;  // int8 only: one per output channel (per column of [K,N], per row of [N,K])
-  // [K,N] matrices only: false for row-major (ldw apart), true for the blocked layout of matmul.inl
-  // (column blocks of 64, each a contiguous [K][64] run, the last zero-padded).
+  const uint16_t* group_scales = nullptr;  // q8 only: fp16 [ceil(N/64)][ceil(K/32)][64]
+  // f32/f16/bf16 [K,N] matrices: false for row-major (ldw apart), true for the blocked layout of matmul.inl
+  // (column blocks of 64, each a contiguous [K][64] run, the last zero-padded). q8 is always blocked.
   bool blocked = false;
 };
 constexpr int kBlockCols = 64;
+constexpr int kQuantGroup = 32;
 int dtype_size(DType d);
 
 struct KernelTable {
@@ -59,7 +62,8 @@ const KernelTable& kernels();
 
 namespace gptcpp {
 // A per-thread scratch buffer of at least n floats, valid until the same thread asks for the same slot
-// again (slot 0: matmul internals, slot 1: attention scores). Defined in portable code so that no
+// again (slot 0: matmul internals, slot 1: attention scores, slot 2: int8 activations, which the calling
+// thread's team shares). Defined in portable code so that no
 // ISA-specific copy of a standard-library template can leak into the others.
 float* scratch_floats(int64_t n, int slot);
 

@@ -14,7 +14,7 @@ using R = Vec::reg;
 constexpr int W = Vec::width;
 
 // Weight readers: the one place that knows a storage format. Every path loads weights through one of
-// these, so all formats share the same kernels; int8's per-channel scale is applied in the epilogue.
+// these, so all formats share the same kernels (grouped int8 has its own: qmatmul.inl).
 struct F32W {
   using T = float;
   static R load(const T* p) { return Vec::load(p); }
@@ -29,11 +29,6 @@ struct BF16W {
   using T = uint16_t;
   static R load(const T* p) { return Vec::load_bf16(p); }
   static R load_partial(const T* p, int n) { return Vec::load_bf16_partial(p, n); }
-};
-struct I8W {
-  using T = int8_t;
-  static R load(const T* p) { return Vec::load_i8(p); }
-  static R load_partial(const T* p, int n) { return Vec::load_i8_partial(p, n); }
 };
 
 // Width of a column block in the blocked weight layout (a multiple of every NB, and 64 int8 = a cache line).
@@ -118,7 +113,7 @@ inline void panel_times_rows(float* cbuf, const float* inp, int M, int ldi, int 
 }
 
 // Epilogue, in the other paths' order: sum, + bias, then added to out.
-inline void store_block(float* out, const float* cbuf, const float* scales, const float* bias, int M, int ldo, int n0,
+inline void store_block(float* out, const float* cbuf, const float* bias, int M, int ldo, int n0,
                         int ncols, bool accumulate) {
   constexpr int NB = NV * W;
   for (int i = 0; i < M; ++i) {
@@ -128,7 +123,6 @@ inline void store_block(float* out, const float* cbuf, const float* scales, cons
       const int rem = ncols - j * W;
       if (rem <= 0) break;
       R r = Vec::load(cr + j * W);
-      if (scales) r = Vec::mul(r, rem >= W ? Vec::load(scales + n0 + j * W) : Vec::load_partial(scales + n0 + j * W, rem));
       if (rem >= W) {
         if (bias) r = Vec::add(r, Vec::load(bias + n0 + j * W));
         if (accumulate) r = Vec::add(Vec::load(o + j * W), r);
@@ -144,8 +138,8 @@ inline void store_block(float* out, const float* cbuf, const float* scales, cons
 
 // Many rows: one column block at a time, its panel reused by all M / MR row tiles.
 template <class WR>
-inline void packed_blocks(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* scales,
-                          const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
+inline void packed_blocks(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* bias,
+                          int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
                           bool accumulate) {
   constexpr int NB = NV * W;
   float* panel = scratch_floats(static_cast<int64_t>(KC) * NB + static_cast<int64_t>(M) * NB, 0);
@@ -157,7 +151,7 @@ inline void packed_blocks(float* out, const float* inp, const typename WR::T* we
       pack_panel<WR>(panel, weight, blocked, K, ldw, k0, kc, n0, ncols);
       panel_times_rows(cbuf, inp, M, ldi, k0, kc, panel);
     }
-    store_block(out, cbuf, scales, bias, M, ldo, n0, ncols, accumulate);
+    store_block(out, cbuf, bias, M, ldo, n0, ncols, accumulate);
   }
 }
 
@@ -166,8 +160,8 @@ inline void packed_blocks(float* out, const float* inp, const typename WR::T* we
 constexpr int KC_WIDE = 32;
 
 template <class WR>
-inline void packed_wide(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* scales,
-                        const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
+inline void packed_wide(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* bias,
+                        int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
                         bool accumulate) {
   constexpr int NB = NV * W;
   const int nb = b1 - b0;
@@ -188,7 +182,7 @@ inline void packed_wide(float* out, const float* inp, const typename WR::T* weig
   }
   for (int b = b0; b < b1; ++b) {
     const int n0 = b * NB;
-    store_block(out, cbufs + static_cast<int64_t>(b - b0) * M * NB, scales, bias, M, ldo, n0,
+    store_block(out, cbufs + static_cast<int64_t>(b - b0) * M * NB, bias, M, ldo, n0,
                 N - n0 < NB ? N - n0 : NB, accumulate);
   }
 }
@@ -205,8 +199,8 @@ constexpr int WIDE_PACK_MAX_M = 64;
 // Streaming path over the blocked layout: each block of BLOCK_COLS columns is one contiguous run that the
 // thread reads front to back, with the running sums of a few rows in registers. Same FMA chain per element.
 template <class WR, int ROWS, int CV>
-inline void blocked_rows(float* out, const float* inp, const typename WR::T* block, const float* scales,
-                         const float* bias, int K, int ldi, int ldo, int n0, int ncols, bool accumulate) {
+inline void blocked_rows(float* out, const float* inp, const typename WR::T* block, const float* bias,
+                         int K, int ldi, int ldo, int n0, int ncols, bool accumulate) {
   R acc[ROWS][CV];
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = Vec::zero();
@@ -226,12 +220,10 @@ inline void blocked_rows(float* out, const float* inp, const typename WR::T* blo
       if (rem <= 0) break;
       R r = acc[i][j];
       if (rem >= W) {
-        if (scales) r = Vec::mul(r, Vec::load(scales + n0 + j * W));
         if (bias) r = Vec::add(r, Vec::load(bias + n0 + j * W));
         if (accumulate) r = Vec::add(Vec::load(o + j * W), r);
         Vec::store(o + j * W, r);
       } else {
-        if (scales) r = Vec::mul(r, Vec::load_partial(scales + n0 + j * W, rem));
         if (bias) r = Vec::add(r, Vec::load_partial(bias + n0 + j * W, rem));
         if (accumulate) r = Vec::add(Vec::load_partial(o + j * W, rem), r);
         Vec::store_partial(o + j * W, r, rem);
@@ -241,8 +233,8 @@ inline void blocked_rows(float* out, const float* inp, const typename WR::T* blo
 }
 
 template <class WR>
-inline void blocked_streaming(float* out, const float* inp, const typename WR::T* weight, const float* scales,
-                              const float* bias, int M, int K, int N, int ldi, int ldo, int b0, int b1,
+inline void blocked_streaming(float* out, const float* inp, const typename WR::T* weight, const float* bias,
+                              int M, int K, int N, int ldi, int ldo, int b0, int b1,
                               bool accumulate) {
   // A pass covers CV vectors of a block for up to 2 rows, within the register file (16 YMM / 32 ZMM).
   constexpr int CV = W == 16 ? 4 : 4;
@@ -255,18 +247,18 @@ inline void blocked_streaming(float* out, const float* inp, const typename WR::T
       const typename WR::T* block = weight + static_cast<int64_t>(b) * K * BLOCK_COLS + c;
       int m = 0;
       for (; m + 2 <= M; m += 2)
-        blocked_rows<WR, 2, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block, scales,
+        blocked_rows<WR, 2, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block,
                                 bias, K, ldi, ldo, n0, ncols, accumulate);
       if (m < M)
-        blocked_rows<WR, 1, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block, scales,
+        blocked_rows<WR, 1, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block,
                                 bias, K, ldi, ldo, n0, ncols, accumulate);
     }
   }
 }
 
 template <class WR>
-inline void streaming_columns(float* out, const float* inp, const typename WR::T* weight, const float* scales,
-                              const float* bias, int M, int K, int ldi, int ldo, int ldw, int c0, int c1,
+inline void streaming_columns(float* out, const float* inp, const typename WR::T* weight, const float* bias,
+                              int M, int K, int ldi, int ldo, int ldw, int c0, int c1,
                               bool accumulate, float* ybuf) {
   const int width = c1 - c0;
   for (int64_t i = 0; i < static_cast<int64_t>(M) * width; ++i) ybuf[i] = 0.0f;
@@ -340,11 +332,9 @@ inline void streaming_columns(float* out, const float* inp, const typename WR::T
     float* o = out + static_cast<int64_t>(m) * ldo + c0;
     const float* y = ybuf + static_cast<int64_t>(m) * width;
     const float* bb = bias ? bias + c0 : nullptr;
-    const float* sc = scales ? scales + c0 : nullptr;
     int j = 0;
     for (; j + W <= width; j += W) {
       R r = Vec::load(y + j);
-      if (sc) r = Vec::mul(r, Vec::load(sc + j));
       if (bb) r = Vec::add(r, Vec::load(bb + j));
       if (accumulate) r = Vec::add(Vec::load(o + j), r);
       Vec::store(o + j, r);
@@ -352,7 +342,6 @@ inline void streaming_columns(float* out, const float* inp, const typename WR::T
     if (j < width) {
       const int rem = width - j;
       R r = Vec::load_partial(y + j, rem);
-      if (sc) r = Vec::mul(r, Vec::load_partial(sc + j, rem));
       if (bb) r = Vec::add(r, Vec::load_partial(bb + j, rem));
       if (accumulate) r = Vec::add(Vec::load_partial(o + j, rem), r);
       Vec::store_partial(o + j, r, rem);
@@ -365,8 +354,8 @@ inline void streaming_columns(float* out, const float* inp, const typename WR::T
 namespace matmul_detail {
 
 template <class WR>
-void matmul_impl(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* scales,
-                 const float* bias, int M, int K, int N, int ldi, int ldo, int ldw, bool accumulate) {
+void matmul_impl(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* bias,
+                 int M, int K, int N, int ldi, int ldo, int ldw, bool accumulate) {
   constexpr int NB = NV * W;
   const int nblocks = (N + NB - 1) / NB;
   if (M >= PACK_MIN_M) {
@@ -377,10 +366,10 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
       const int b1 = static_cast<int>(static_cast<int64_t>(nblocks) * (t + 1) / nt);
       if (M <= WIDE_PACK_MAX_M) {
         if (b1 > b0)
-          packed_wide<WR>(out, inp, weight, blocked, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+          packed_wide<WR>(out, inp, weight, blocked, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
       } else if (nblocks >= 2 * nt) {
         if (b1 > b0)
-          packed_blocks<WR>(out, inp, weight, blocked, scales, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+          packed_blocks<WR>(out, inp, weight, blocked, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
       } else {
         // Too few column blocks to keep every thread busy (many threads, narrow matrix): split the rows as
         // well, into groups of whole MR tiles. A row's arithmetic does not depend on its group.
@@ -393,7 +382,7 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
           const int m1 = (M < static_cast<int>(static_cast<int64_t>(tiles) * (g + 1) / mgroups) * MR ? M : static_cast<int>(static_cast<int64_t>(tiles) * (g + 1) / mgroups) * MR);
           if (m1 > m0)
             packed_blocks<WR>(out + static_cast<int64_t>(m0) * ldo, inp + static_cast<int64_t>(m0) * ldi, weight,
-                              blocked, scales, bias, m1 - m0, K, N, ldi, ldo, ldw, b, b + 1, accumulate);
+                              blocked, bias, m1 - m0, K, N, ldi, ldo, ldw, b, b + 1, accumulate);
         }
       }
     }
@@ -407,7 +396,7 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
       const int nt = thread_count(), t = thread_index();
       const int b0 = static_cast<int>(static_cast<int64_t>(nb) * t / nt);
       const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
-      if (b1 > b0) blocked_streaming<WR>(out, inp, weight, scales, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+      if (b1 > b0) blocked_streaming<WR>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     }
     return;
   }
@@ -419,7 +408,7 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
     const int c0 = static_cast<int>(static_cast<int64_t>(lines) * t / nt) * 16;
     const int c1 = t + 1 == nt ? N : static_cast<int>(static_cast<int64_t>(lines) * (t + 1) / nt) * 16;
     if (c1 > c0)
-      streaming_columns<WR>(out, inp, weight, scales, bias, M, K, ldi, ldo, ldw, c0, c1, accumulate,
+      streaming_columns<WR>(out, inp, weight, bias, M, K, ldi, ldo, ldw, c0, c1, accumulate,
                         scratch_floats(static_cast<int64_t>(M) * (c1 - c0), 0));
   }
 }
@@ -431,20 +420,20 @@ void matmul_forward(float* out, const float* inp, WeightView w, const float* bia
   using namespace matmul_detail;
   switch (w.dtype) {
     case DType::f32:
-      return matmul_impl<F32W>(out, inp, static_cast<const float*>(w.data), w.blocked, nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
+      return matmul_impl<F32W>(out, inp, static_cast<const float*>(w.data), w.blocked, bias, M, K, N, ldi, ldo, ldw, accumulate);
     case DType::f16:
-      return matmul_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
+      return matmul_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, bias, M, K, N, ldi, ldo, ldw, accumulate);
     case DType::bf16:
-      return matmul_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, nullptr, bias, M, K, N, ldi, ldo, ldw, accumulate);
-    case DType::i8:
-      return matmul_impl<I8W>(out, inp, static_cast<const int8_t*>(w.data), w.blocked, w.scales, bias, M, K, N, ldi, ldo, ldw, accumulate);
+      return matmul_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, bias, M, K, N, ldi, ldo, ldw, accumulate);
+    case DType::q8:
+      return q8_matmul_forward(out, inp, w, bias, M, K, N, ldi, ldo, accumulate);
   }
 }
 
 namespace matmul_detail {
 
 template <class WR, int MR2, int NR>
-inline void nt_tile(float* out, const float* inp, const typename WR::T* weight, const float* scales, int K, int ldo, int n0) {
+inline void nt_tile(float* out, const float* inp, const typename WR::T* weight, int K, int ldo, int n0) {
   R acc[MR2][NR];
   for (int i = 0; i < MR2; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = Vec::zero();
@@ -468,8 +457,7 @@ inline void nt_tile(float* out, const float* inp, const typename WR::T* weight, 
   }
   for (int i = 0; i < MR2; ++i)
     for (int j = 0; j < NR; ++j) {
-      const float r = Vec::reduce_add(acc[i][j]);
-      out[static_cast<int64_t>(i) * ldo + n0 + j] = scales ? r * scales[n0 + j] : r;
+      out[static_cast<int64_t>(i) * ldo + n0 + j] = Vec::reduce_add(acc[i][j]);
     }
 }
 
@@ -477,17 +465,17 @@ constexpr int NT_MR = W == 16 ? 4 : 2;
 constexpr int NT_NR = 4;
 
 template <class WR, int mr>
-inline void nt_rows(float* out, const float* inp, const typename WR::T* weight, const float* scales, int K, int ldo,
+inline void nt_rows(float* out, const float* inp, const typename WR::T* weight, int K, int ldo,
                     int n0, int nrows) {
   if (nrows == NT_NR) {
-    nt_tile<WR, mr, NT_NR>(out, inp, weight, scales, K, ldo, n0);
+    nt_tile<WR, mr, NT_NR>(out, inp, weight, K, ldo, n0);
   } else {
-    for (int j = 0; j < nrows; ++j) nt_tile<WR, mr, 1>(out, inp, weight, scales, K, ldo, n0 + j);
+    for (int j = 0; j < nrows; ++j) nt_tile<WR, mr, 1>(out, inp, weight, K, ldo, n0 + j);
   }
 }
 
 template <class WR>
-void matmul_nt_impl(float* out, const float* inp, const typename WR::T* weight, const float* scales, int M, int K, int N,
+void matmul_nt_impl(float* out, const float* inp, const typename WR::T* weight, int M, int K, int N,
                     int ldo) {
   const int nblocks = (N + NT_NR - 1) / NT_NR;
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(M) * K * N > 32768)
@@ -495,10 +483,10 @@ void matmul_nt_impl(float* out, const float* inp, const typename WR::T* weight, 
     const int n0 = b * NT_NR, nrows = (N - n0 < NT_NR ? N - n0 : NT_NR);
     int m = 0;
     for (; m + NT_MR <= M; m += NT_MR)
-      nt_rows<WR, NT_MR>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, scales, K, ldo,
+      nt_rows<WR, NT_MR>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, K, ldo,
                          n0, nrows);
     for (; m < M; ++m)
-      nt_rows<WR, 1>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, scales, K, ldo, n0,
+      nt_rows<WR, 1>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, K, ldo, n0,
                      nrows);
   }
 }
@@ -508,9 +496,9 @@ void matmul_nt_impl(float* out, const float* inp, const typename WR::T* weight, 
 void matmul_nt_forward(float* out, const float* inp, WeightView w, int M, int K, int N, int ldo) {
   using namespace matmul_detail;
   switch (w.dtype) {
-    case DType::f32: return matmul_nt_impl<F32W>(out, inp, static_cast<const float*>(w.data), nullptr, M, K, N, ldo);
-    case DType::f16: return matmul_nt_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), nullptr, M, K, N, ldo);
-    case DType::bf16: return matmul_nt_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), nullptr, M, K, N, ldo);
-    case DType::i8: return matmul_nt_impl<I8W>(out, inp, static_cast<const int8_t*>(w.data), w.scales, M, K, N, ldo);
+    case DType::f32: return matmul_nt_impl<F32W>(out, inp, static_cast<const float*>(w.data), M, K, N, ldo);
+    case DType::f16: return matmul_nt_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), M, K, N, ldo);
+    case DType::bf16: return matmul_nt_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), M, K, N, ldo);
+    case DType::q8: break;  // stored transposed, [n_embd, vocab]: the model calls matmul_forward
   }
 }

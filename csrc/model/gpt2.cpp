@@ -16,7 +16,9 @@ namespace gptcpp {
 
 namespace {
 
-// One row of the token embedding table, widened to float32 (int8 rows carry their own scale).
+// One row of the token embedding table, widened to float32. A q8 table is stored transposed for the LM head
+// ([n_embd, vocab] in qmatmul.inl's layout), so a token's row is its column there: byte k%4 of column
+// token%64 in quad k/4 of block token/64, times the fp16 scale of its group.
 void embedding_row(float* out, const WeightView& wte, int32_t token, int C) {
   const int64_t off = static_cast<int64_t>(token) * C;
   switch (wte.dtype) {
@@ -31,10 +33,12 @@ void embedding_row(float* out, const WeightView& wte, int32_t token, int C) {
       for (int j = 0; j < C; ++j) out[j] = bf16_to_f32(p[j]);
       break;
     }
-    case DType::i8: {
-      const int8_t* p = static_cast<const int8_t*>(wte.data) + off;
-      const float s = wte.scales[token];
-      for (int j = 0; j < C; ++j) out[j] = static_cast<float>(p[j]) * s;
+    case DType::q8: {
+      const int Kp = (C + kQuantGroup - 1) / kQuantGroup * kQuantGroup, col = token % kBlockCols;
+      const int8_t* q = static_cast<const int8_t*>(wte.data) + static_cast<int64_t>(token / kBlockCols) * Kp * kBlockCols;
+      const uint16_t* s = wte.group_scales + static_cast<int64_t>(token / kBlockCols) * (Kp / kQuantGroup) * kBlockCols;
+      for (int j = 0; j < C; ++j)
+        out[j] = static_cast<float>(q[(j / 4 * kBlockCols + col) * 4 + j % 4]) * f16_to_f32(s[j / kQuantGroup * kBlockCols + col]);
       break;
     }
   }
@@ -194,7 +198,10 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
   K.layernorm_forward(sel, sel, weights_.ln_f_weight, weights_.ln_f_bias, static_cast<int>(rows), C,
                       c.layer_norm_epsilon);
   if (hidden) std::memcpy(hidden, sel, sizeof(float) * rows * C);
-  if (logits) K.matmul_nt_forward(logits, sel, weights_.lm_head, static_cast<int>(rows), C, V, V);
+  if (logits && weights_.lm_head.dtype == DType::q8)
+    K.matmul_forward(logits, sel, weights_.lm_head, nullptr, static_cast<int>(rows), C, V, C, V, V, false);
+  else if (logits)
+    K.matmul_nt_forward(logits, sel, weights_.lm_head, static_cast<int>(rows), C, V, V);
 }
 
 }  // namespace gptcpp

@@ -41,11 +41,11 @@ struct LayerWeights {
 };
 
 struct GPT2Weights {
-  WeightView wte;  // [vocab, n_embd]; int8 scales are per row (per token)
+  WeightView wte;  // [vocab, n_embd]; q8: stored transposed, [n_embd, vocab] (see embedding_row)
   const float* wpe = nullptr;  // [n_positions, n_embd]
   std::vector<LayerWeights> layers;
   const float *ln_f_weight = nullptr, *ln_f_bias = nullptr;
-  WeightView lm_head;  // [vocab, n_embd]; == wte when tied
+  WeightView lm_head;  // [vocab, n_embd] (q8: [n_embd, vocab]); == wte when tied
 };
 
 // Keys and values of one sequence, per layer and head: keys transposed [head_dim][capacity] (the scores

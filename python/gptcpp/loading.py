@@ -209,7 +209,11 @@ def load_weights(directory: str, cfg: GPT2Config) -> tuple[dict[str, np.ndarray]
         by_name.setdefault(canon, (f, name))
     stored = metadata.get("gptcpp.dtype")
     if stored is not None:
-        from .quantize import stored_shapes  # the layouts gptcpp writes
+        from .quantize import FORMAT_VERSION, stored_shapes  # the layouts gptcpp writes
+        version = metadata.get("gptcpp.format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{directory}: a gptcpp {stored} checkpoint of format version {version}, but this "
+                                  f"gptcpp reads version {FORMAT_VERSION}; quantize the original checkpoint again")
         expected = stored_shapes(cfg, stored)
     else:
         expected = {n: (s, None) for n, s in expected_shapes(cfg).items()}

@@ -1,0 +1,190 @@
+// Matrix multiplication over the grouped int8 weight format, written once against `Vec` and `QDot` (included by
+// each kernels_<isa>.cpp; QDot is vpdpbusd where the CPU has VNNI, vpmaddubsw otherwise, plain loops in generic).
+//
+// q8_matmul_forward: out[M,N] (+)= inp[M,K] @ weight[K,N] + bias, the weight quantized symmetrically in groups
+// of 32 along k (w = q * scale, one fp16 scale per group and column, q in [-127, 127]), the activations
+// quantized the same way per row on the fly (x = p * xs, one float scale per row and group). A group's
+// products sum exactly in int32, so each output element is
+//     acc = 0;  for g in 0..K/32-1:  acc = fma(float(sum_k p[k] q[k][n]), xs[g] * scale[g][n], acc)
+// then + bias, then + out: the same operations whatever the tile, thread count, batch or instruction set
+// (the integer part is exact, the float part runs in one order), so a row's result never depends on what it
+// is batched with, and every x86 level gives the same bits (generic differs only where its fma rounds twice).
+//
+// Weight layout (a [K,N] Conv1D matrix, or the transposed token embedding [n_embd, vocab] for the LM head),
+// with Kp = K rounded up to 32 and the columns in blocks of 64 (the last zero-padded):
+//     q      int8 [ceil(N/64)][Kp/4][64][4]: per block, per 4 consecutive k, 64 columns of 4 bytes, so one
+//            register load is 4 k of 16 (AVX-512) or 8 columns and the 4 matching activation bytes are one
+//            broadcast; a block streams front to back.
+//     scale  fp16 [ceil(N/64)][Kp/32][64]
+namespace qmatmul_detail {
+
+using R = Vec::reg;
+using I = QDot::ireg;
+constexpr int L = Vec::width;  // columns per register
+constexpr int GROUP = kQuantGroup;
+constexpr int QUADS = GROUP / 4;
+constexpr int BLOCK = kBlockCols;
+constexpr int QUAD_BYTES = BLOCK * 4;  // one [64][4] row of a block
+
+// Rows m0..m1-1 of inp quantized into xq [M][Kp] (zero past K) and xs [M][Kp/32]. amax / 127 is the scale and
+// x * (127 / amax) rounded to nearest even the value, exactly as the numpy reference computes it. A NaN or inf
+// makes its group's scale NaN, so it reaches the output as it would in float32.
+inline void quantize_rows(int8_t* xq, float* xs, const float* inp, int m0, int m1, int K, int Kp, int ldi) {
+  for (int m = m0; m < m1; ++m) {
+    const float* x = inp + static_cast<int64_t>(m) * ldi;
+    int8_t* q = xq + static_cast<int64_t>(m) * Kp;
+    float* s = xs + static_cast<int64_t>(m) * (Kp / GROUP);
+    for (int k0 = 0; k0 < Kp; k0 += GROUP) {
+      const int n = K - k0 < GROUP ? K - k0 : GROUP;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int i = 0; i < n; ++i) {
+        const float a = std::fabs(x[k0 + i]);
+        finite = finite && a <= 3.4028235e38f;
+        amax = a > amax ? a : amax;
+      }
+      const float id = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
+      s[k0 / GROUP] = finite ? amax / 127.0f : std::nanf("");
+      for (int i = 0; i < n; ++i) {
+        float r = std::nearbyint(x[k0 + i] * id);
+        r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+        q[k0 + i] = static_cast<int8_t>(r);
+      }
+      for (int i = n; i < GROUP; ++i) q[k0 + i] = 0;
+    }
+  }
+}
+
+inline int32_t four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// ROWS rows of out against CV registers of columns of one block (columns c .. c + CV*L - 1 of the block,
+// n0 the first's index in out); float sums in registers across the groups, int32 sums per group.
+template <int ROWS, int CV>
+inline void q8_tile(float* out, int ldo, const int8_t* xq, const float* xs, int Kp, const int8_t* wblock,
+                    const uint16_t* sblock, int c, const float* bias, int n0, int ncols, bool accumulate) {
+  R acc[ROWS][CV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int j = 0; j < CV; ++j) acc[i][j] = Vec::zero();
+  const int groups = Kp / GROUP;
+  const int8_t* wq = wblock + c * 4;
+  for (int g = 0; g < groups; ++g) {
+    I sum[ROWS][CV], corr[CV];
+    for (int j = 0; j < CV; ++j) corr[j] = QDot::zero();
+    for (int i = 0; i < ROWS; ++i)
+      for (int j = 0; j < CV; ++j) sum[i][j] = QDot::zero();
+    for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES) {
+      I w[CV];
+      for (int j = 0; j < CV; ++j) w[j] = QDot::load(wq + j * L * 4);
+      if (QDot::offset)
+        for (int j = 0; j < CV; ++j) corr[j] = QDot::offset_dot(corr[j], w[j]);
+      for (int i = 0; i < ROWS; ++i) {
+        const I x = QDot::bcast(four_bytes(xq + static_cast<int64_t>(i) * Kp + g * GROUP + q * 4));
+        for (int j = 0; j < CV; ++j) sum[i][j] = QDot::dot(sum[i][j], x, w[j]);
+      }
+    }
+    R sw[CV];
+    for (int j = 0; j < CV; ++j) sw[j] = Vec::load_f16(sblock + g * BLOCK + c + j * L);
+    for (int i = 0; i < ROWS; ++i) {
+      const R sx = Vec::set1(xs[static_cast<int64_t>(i) * groups + g]);
+      for (int j = 0; j < CV; ++j) {
+        const I d = QDot::offset ? QDot::sub(sum[i][j], corr[j]) : sum[i][j];
+        acc[i][j] = Vec::fma(QDot::to_float(d), Vec::mul(sx, sw[j]), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < ROWS; ++i) {
+    float* o = out + static_cast<int64_t>(i) * ldo + n0;
+    for (int j = 0; j < CV; ++j) {
+      const int rem = ncols - j * L;
+      if (rem <= 0) break;
+      R r = acc[i][j];
+      if (rem >= L) {
+        if (bias) r = Vec::add(r, Vec::load(bias + n0 + j * L));
+        if (accumulate) r = Vec::add(Vec::load(o + j * L), r);
+        Vec::store(o + j * L, r);
+      } else {
+        if (bias) r = Vec::add(r, Vec::load_partial(bias + n0 + j * L, rem));
+        if (accumulate) r = Vec::add(Vec::load_partial(o + j * L, rem), r);
+        Vec::store_partial(o + j * L, r, rem);
+      }
+    }
+  }
+}
+
+// Rows m0..m1-1 against units u0..u1-1, a unit being CV registers of columns (a block holds 64 / (CV*L)).
+// Two rows per tile share each weight load (and VNNI's offset correction).
+template <int CV>
+inline void q8_range(float* out, const int8_t* xq, const float* xs, const WeightView& w, const float* bias, int m0,
+                     int m1, int Kp, int N, int ldo, int u0, int u1, bool accumulate) {
+  constexpr int UNIT = CV * L, UNITS_PER_BLOCK = BLOCK / UNIT;
+  const int8_t* q = static_cast<const int8_t*>(w.data);
+  const uint16_t* s = w.group_scales;
+  for (int u = u0; u < u1; ++u) {
+    const int b = u / UNITS_PER_BLOCK, c = (u % UNITS_PER_BLOCK) * UNIT, n0 = b * BLOCK + c;
+    if (n0 >= N) break;
+    const int ncols = N - n0 < UNIT ? N - n0 : UNIT;
+    const int8_t* wb = q + static_cast<int64_t>(b) * Kp * BLOCK;
+    const uint16_t* sb = s + static_cast<int64_t>(b) * (Kp / GROUP) * BLOCK;
+    int m = m0;
+    for (; m + 2 <= m1; m += 2)
+      q8_tile<2, CV>(out + static_cast<int64_t>(m) * ldo, ldo, xq + static_cast<int64_t>(m) * Kp,
+                     xs + static_cast<int64_t>(m) * (Kp / GROUP), Kp, wb, sb, c, bias, n0, ncols, accumulate);
+    if (m < m1)
+      q8_tile<1, CV>(out + static_cast<int64_t>(m) * ldo, ldo, xq + static_cast<int64_t>(m) * Kp,
+                     xs + static_cast<int64_t>(m) * (Kp / GROUP), Kp, wb, sb, c, bias, n0, ncols, accumulate);
+  }
+}
+
+// Registers of columns per unit: a whole 64-column block on AVX-512; half a block on AVX2 and generic, whose
+// 16 registers cannot hold two rows of eight accumulators.
+constexpr int Q_CV = L == 16 ? 4 : 4;
+constexpr int Q_CV_GEMM = L == 16 ? 4 : 2;
+
+template <int CV>
+void q8_parallel(float* out, const int8_t* xq, float* xs, const float* inp, const WeightView& w, const float* bias,
+                 int M, int K, int Kp, int N, int ldi, int ldo, bool accumulate, bool parallel) {
+  constexpr int UNIT = CV * L;
+  const int units = (N + BLOCK - 1) / BLOCK * (BLOCK / UNIT);
+#pragma omp parallel if (parallel)
+  {
+    const int nt = thread_count(), t = thread_index();
+    quantize_rows(const_cast<int8_t*>(xq), xs, inp, static_cast<int>(static_cast<int64_t>(M) * t / nt),
+                  static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt), K, Kp, ldi);
+#pragma omp barrier
+    // Contiguous column units per thread; rows split too when there are too few units for the team.
+    const int mgroups = units >= 2 * nt || M < 4 ? 1 : (2 * nt + units - 1) / units;
+    const int tasks = units * mgroups;
+    const int k0 = static_cast<int>(static_cast<int64_t>(tasks) * t / nt);
+    const int k1 = static_cast<int>(static_cast<int64_t>(tasks) * (t + 1) / nt);
+    for (int task = k0; task < k1;) {
+      const int g = task / units, u = task % units;
+      const int u_end = (g + 1) * units < k1 ? units : k1 - g * units;
+      const int m0 = static_cast<int>(static_cast<int64_t>(M) * g / mgroups) & ~1;
+      const int m1 = g + 1 == mgroups ? M : static_cast<int>(static_cast<int64_t>(M) * (g + 1) / mgroups) & ~1;
+      q8_range<CV>(out, xq, xs, w, bias, m0, m1, Kp, N, ldo, u, u_end, accumulate);
+      task += u_end - u;
+    }
+  }
+}
+
+}  // namespace qmatmul_detail
+
+void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* bias, int M, int K, int N, int ldi,
+                       int ldo, bool accumulate) {
+  using namespace qmatmul_detail;
+  const int Kp = (K + GROUP - 1) / GROUP * GROUP;
+  // Quantized activations in the calling thread's buffer, shared with the team: M*Kp bytes, then the scales.
+  const int64_t xq_floats = (static_cast<int64_t>(M) * Kp + 3) / 4;
+  float* buf = scratch_floats(xq_floats + static_cast<int64_t>(M) * (Kp / GROUP), 2);
+  int8_t* xq = reinterpret_cast<int8_t*>(buf);
+  float* xs = buf + xq_floats;
+  const bool parallel = static_cast<int64_t>(M) * K * N > 32768;
+  if (M <= 2)
+    q8_parallel<Q_CV>(out, xq, xs, inp, w, bias, M, K, Kp, N, ldi, ldo, accumulate, parallel);
+  else
+    q8_parallel<Q_CV_GEMM>(out, xq, xs, inp, w, bias, M, K, Kp, N, ldi, ldo, accumulate, parallel);
+}
