@@ -88,6 +88,31 @@ WeightView q8_view(const py::array& q, const py::array& scales, int64_t K, int64
   return w;
 }
 
+// A q8 weight's optional outlier rows (kernels.h): int32 channel indices, increasing, below K, and their fp16
+// rows [n][N]. Both or neither.
+void add_q8_outliers(WeightView& w, const py::object& rows, const py::object& weights, int64_t K, int64_t N,
+                     const std::string& name) {
+  if (rows.is_none() && weights.is_none()) return;
+  if (rows.is_none() || weights.is_none())
+    throw std::invalid_argument(name + " has outlier rows or outlier weights, but not both");
+  py::array r = rows.cast<py::array>(), v = weights.cast<py::array>();
+  if (r.dtype().kind() != 'i' || r.itemsize() != 4 || r.ndim() != 1 || !(r.flags() & py::array::c_style))
+    throw std::invalid_argument("outlier rows of " + name + " must be a contiguous int32 vector");
+  const int64_t n = r.shape(0);
+  if (v.dtype().kind() != 'f' || v.itemsize() != 2 || v.ndim() != 2 || v.shape(0) != n || v.shape(1) != N ||
+      !(v.flags() & py::array::c_style))
+    throw std::invalid_argument("outlier weights of " + name + " must be float16 of shape (" + std::to_string(n) +
+                                ", " + std::to_string(N) + ")");
+  const int32_t* idx = static_cast<const int32_t*>(r.data());
+  for (int64_t j = 0; j < n; ++j)
+    if (idx[j] < 0 || idx[j] >= K || (j > 0 && idx[j] <= idx[j - 1]))
+      throw std::invalid_argument("outlier rows of " + name + " must be increasing channel indices below " +
+                                  std::to_string(K));
+  w.outlier_rows = idx;
+  w.n_outlier_rows = static_cast<int>(n);
+  w.outlier_weights = static_cast<const uint16_t*>(v.data());
+}
+
 // A weight matrix in its storage format. shape is the checkpoint's: [K,N] for a Conv1D weight, [vocab, n_embd]
 // for the embedding / LM head (rows_are_outputs), whose q8 form is stored transposed. f32/f16/bf16 [K,N] may
 // come blocked, as an array [ceil(N/64), K, 64] (see kernels.h); q8 brings a "<name>.scale" tensor.
@@ -104,6 +129,14 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
     const int64_t K = rows_are_outputs ? shape[1] : shape[0], N = rows_are_outputs ? shape[0] : shape[1];
     w = q8_view(arr, scales, K, N, name);
     m.keep_alive.push_back(scales);
+    const std::string rname = name + ".outlier_rows", vname = name + ".outlier_weights";
+    py::object rows = tensors.contains(rname) ? py::object(tensors[rname.c_str()]) : py::object(py::none());
+    py::object vals = tensors.contains(vname) ? py::object(tensors[vname.c_str()]) : py::object(py::none());
+    add_q8_outliers(w, rows, vals, K, N, name);
+    if (!rows.is_none()) {
+      m.keep_alive.push_back(rows.cast<py::array>());
+      m.keep_alive.push_back(vals.cast<py::array>());
+    }
   } else if (arr.ndim() == 3 && !rows_are_outputs) {
     const int64_t K = shape[0], N = shape[1];
     if (arr.shape(0) != (N + kBlockCols - 1) / kBlockCols || arr.shape(1) != K || arr.shape(2) != kBlockCols)
@@ -419,7 +452,7 @@ PYBIND11_MODULE(_core, m) {
   // matmul: weight float32, float16 or uint16 (bf16) as [K, N] or blocked [ceil(N/64), K, 64]; or int8 in the
   // q8 layout with its fp16 scales.
   k.def("matmul", [](const std::string& isa, FloatArray inp, py::array weight, py::object bias, FloatArray out,
-                     bool accumulate, py::object scales) {
+                     bool accumulate, py::object scales, py::object outlier_rows, py::object outlier_weights) {
     const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(out.shape(1));
     if (!(weight.flags() & py::array::c_style)) throw std::invalid_argument("weight must be C-contiguous");
     if (out.shape(0) != M) throw std::invalid_argument("shape mismatch");
@@ -427,6 +460,7 @@ PYBIND11_MODULE(_core, m) {
     if (dtype_of(weight, "weight") == DType::q8) {
       if (scales.is_none()) throw std::invalid_argument("int8 weights need scales");
       wv = q8_view(weight, scales.cast<py::array>(), K, N, "weight");
+      add_q8_outliers(wv, outlier_rows, outlier_weights, K, N, "weight");
     } else {
       const bool blocked = weight.ndim() == 3;
       if (blocked ? (weight.shape(0) != (N + kBlockCols - 1) / kBlockCols || weight.shape(1) != K ||
@@ -445,7 +479,7 @@ PYBIND11_MODULE(_core, m) {
     });
     return o;
   }, py::arg("isa"), py::arg("inp"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("accumulate"),
-     py::arg("scales") = py::none());
+     py::arg("scales") = py::none(), py::arg("outlier_rows") = py::none(), py::arg("outlier_weights") = py::none());
   // matmul_nt: weight [N, K] float32, float16 or uint16 (bf16).
   k.def("matmul_nt", [](const std::string& isa, FloatArray inp, py::array weight) {
     const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(weight.shape(0));

@@ -48,15 +48,22 @@ def test_int8_layout_roundtrip():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((70, 130)).astype(np.float32)
     w[3] *= 40  # an outlier input channel costs only its own groups their precision
-    q, s = quantize_int8("w", w)
+    t = quantize_int8("w", w)
+    q, s = t["w"], t["w.scale"]
     assert q.shape == (3, 24, 64, 4) and s.shape == (3, 3, 64) and s.dtype == np.float16
     assert not q[2, :, 2:].any() and not q[:, 70 // 4 + 1:].any()  # zero padding: columns past N, k past K
-    back = dequantize_int8(q, s, 70, 130)
+    back = dequantize_int8(t, "w", 70, 130)
     step = np.repeat(s.transpose(1, 0, 2).reshape(3, -1)[:, :130].astype(np.float32), GROUP, axis=0)[:70]
     assert np.all(np.abs(back - w) <= 0.5 * step * 1.01 + 1e-7)
     assert np.abs(back - w)[32:].max() < 0.05  # groups away from the outlier row keep fine steps
     with pytest.raises(ValueError, match="beyond int8"):
         quantize_int8("w", np.full((32, 4), np.inf, np.float32))
+    # outlier rows: zero in the int8 part, kept in fp16 apart
+    t = quantize_int8("w", w, [3, 40])
+    assert list(t["w.outlier_rows"]) == [3, 40] and t["w.outlier_weights"].shape == (2, 130)
+    back = dequantize_int8(t, "w", 70, 130)
+    np.testing.assert_array_equal(back[[3, 40]], w[[3, 40]].astype(np.float16).astype(np.float32))
+    assert np.abs(back - w).max() < 0.05  # with the outlier row apart, its groups keep fine steps too
 
 
 def test_blocked_layout_roundtrip():
@@ -92,13 +99,24 @@ def test_int8_matmul_against_numpy(isa, M, K, N):
     a[0, :min(K, 40)] = 0.0  # an all-zero group
     w = rng.standard_normal((K, N), dtype=np.float32)
     b = rng.standard_normal(N).astype(np.float32)
-    q, s = quantize_int8("w", w)
+    t = quantize_int8("w", w)
+    q, s = t["w"], t["w.scale"]
     out = _core.kernels.matmul(isa, a, q, b, np.zeros((M, N), np.float32), False, s)
     ref = int8_reference(a, q, s, K, N, b)
     # generic's fma rounds twice; the SIMD levels round once, as the reference does
     np.testing.assert_allclose(out, ref, rtol=1e-6 if isa == "generic" else 2e-7, atol=1e-6 * np.sqrt(K))
     acc = _core.kernels.matmul(isa, a, q, b, out.copy(), True, s)
     np.testing.assert_allclose(acc, out + out, rtol=1e-6)
+    # outlier rows: left out of the activations' quantization and the int8 sums, added in float32 after
+    rows = np.array([1, K - 1] if K > 2 else [1], np.int32)
+    t = quantize_int8("w", w, rows)
+    got = _core.kernels.matmul(isa, a, t["w"], b, np.zeros((M, N), np.float32), False, t["w.scale"], rows,
+                               t["w.outlier_weights"])
+    a_rest = a.copy()
+    a_rest[:, rows] = 0.0
+    ref = int8_reference(a_rest, t["w"], t["w.scale"], K, N, b).astype(np.float64)
+    ref += a[:, rows].astype(np.float64) @ t["w.outlier_weights"].astype(np.float64)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
 def test_int8_matmul_same_bits_on_every_x86_level():
@@ -109,20 +127,22 @@ def test_int8_matmul_same_bits_on_every_x86_level():
         pytest.skip(f"this CPU has only {levels} besides generic")
     rng = np.random.default_rng(5)
     a = rng.standard_normal((19, 300), dtype=np.float32)
-    q, s = quantize_int8("w", rng.standard_normal((300, 150), dtype=np.float32))
-    outs = {i: _core.kernels.matmul(i, a, q, None, np.zeros((19, 150), np.float32), False, s) for i in levels}
+    t = quantize_int8("w", rng.standard_normal((300, 150), dtype=np.float32), [7])
+    args = (t["w"], None, np.zeros((19, 150), np.float32), False, t["w.scale"], t["w.outlier_rows"],
+            t["w.outlier_weights"])
+    outs = {i: _core.kernels.matmul(i, a, *args) for i in levels}
     for i in levels:
         assert np.array_equal(outs[i], outs[levels[0]]), i
-        alone = np.concatenate([_core.kernels.matmul(i, a[r:r + 1], q, None, np.zeros((1, 150), np.float32),
-                                                     False, s) for r in range(19)])
+        alone = np.concatenate([_core.kernels.matmul(i, a[r:r + 1], t["w"], None, np.zeros((1, 150), np.float32),
+                                                     *args[3:]) for r in range(19)])
         assert np.array_equal(alone, outs[i]), i
 
 
 def test_int8_matmul_propagates_nan():
     a = np.ones((2, 64), np.float32)
     a[1, 40] = np.nan
-    q, s = quantize_int8("w", np.ones((64, 8), np.float32))
-    out = _core.kernels.matmul(_core.isa(), a, q, None, np.zeros((2, 8), np.float32), False, s)
+    t = quantize_int8("w", np.ones((64, 8), np.float32))
+    out = _core.kernels.matmul(_core.isa(), a, t["w"], None, np.zeros((2, 8), np.float32), False, t["w.scale"])
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
 
 
@@ -138,22 +158,38 @@ def test_lm_head_formats_against_numpy(isa, dtype):
 
 
 def test_int8_embedding_table_transposed(outlier_model):
-    """The core also takes the embedding / LM head in int8, stored transposed ([n_embd, vocab], like a Conv1D
-    weight): the LM head is then an int8 matmul and a lookup gathers a token's column. Its hidden states and
-    logits match an fp32 model given the dequantized table up to int8's error (a neighbour's column or a wrong
-    group scale would be off by the whole spread)."""
+    """An int8 model's embedding / LM head is stored transposed ([n_embd, vocab], like a Conv1D weight), with
+    the residual stream's outlier channels apart: the LM head is an int8 matmul and a lookup gathers a token's
+    column. Its hidden states and logits match an fp32 model given the dequantized table up to int8's error
+    (a neighbour's column or a wrong group scale would be off by the whole spread)."""
     ref = gptcpp.GPT2.from_pretrained(outlier_model)
-    q, s = quantize_int8("wte", ref._tensors["wte.weight"].T)
-    model = gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": q, "wte.weight.scale": s}, None)
-    twin = gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": np.ascontiguousarray(dequantize_int8(q, s, 64, 400).T)})
+    t = quantize_int8("wte.weight", ref._tensors["wte.weight"].T, [0, 1])
+    model = gptcpp.GPT2(ref.config, {**ref._tensors, **t}, None)
+    table = np.ascontiguousarray(dequantize_int8(t, "wte.weight", 64, 400).T)
+    twin = gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": table}, None)
     for token in (0, 63, 64, 399):
         got, want = model.hidden_states([token, 1]), twin.hidden_states([token, 1])
         assert np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()) < 1e-6, token
     ids = rng_ids(30, 400, seed=1)
     got, want = model.logits(ids), twin.logits(ids)
-    assert np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()) < 0.02
-    with pytest.raises(ValueError, match="must have shape"):
-        gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": q[:, :-1].copy(), "wte.weight.scale": s}, None)
+    assert np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()) < 0.01
+    for bad, match in (({"wte.weight": t["wte.weight"][:, :-1].copy()}, "must have shape"),
+                       ({"wte.weight.outlier_rows": np.array([1, 0], np.int32)}, "increasing"),
+                       ({"wte.weight.outlier_rows": np.array([0, 64], np.int32)}, "below 64"),
+                       ({"wte.weight.outlier_weights": t["wte.weight.outlier_weights"][:1].copy()}, "shape")):
+        with pytest.raises(ValueError, match=match):
+            gptcpp.GPT2(ref.config, {**ref._tensors, **t, **bad}, None)
+    broken = {**ref._tensors, **t}
+    del broken["wte.weight.outlier_weights"]
+    with pytest.raises(ValueError, match="not both"):
+        gptcpp.GPT2(ref.config, broken, None)
+
+
+def test_residual_outlier_channels_found_from_the_embedding(outlier_model):
+    from gptcpp.quantize import residual_outlier_channels
+    wte = gptcpp.GPT2.from_pretrained(outlier_model)._tensors["wte.weight"]
+    assert list(residual_outlier_channels(wte)) == [0, 1]  # the test model's outliers (conftest.random_gpt2)
+    assert len(residual_outlier_channels(np.random.default_rng(0).standard_normal((500, 64)))) == 0
 
 
 def test_f16_conversion_exhaustive(isa):

@@ -68,24 +68,23 @@ struct QDot {
   using ireg = __m256i;
   static inline ireg zero() { return _mm256_setzero_si256(); }
   static inline ireg load(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline ireg bcast(int32_t x4) { return _mm256_set1_epi32(x4); }
+  static inline ireg set1(int32_t v) { return _mm256_set1_epi32(v); }
   static inline Vec::reg to_float(ireg a) { return _mm256_cvtepi32_ps(a); }
   static inline ireg sub(ireg a, ireg b) { return _mm256_sub_epi32(a, b); }
 #ifdef __AVXVNNI__
   static constexpr bool offset = true;
-  static inline ireg bcast(int32_t x4) { return _mm256_set1_epi32(x4 ^ static_cast<int32_t>(0x80808080u)); }
-  static inline ireg dot(ireg acc, ireg x, ireg w) { return _mm256_dpbusd_avx_epi32(acc, x, w); }
-  static inline ireg offset_dot(ireg acc, ireg w) { return _mm256_dpbusd_avx_epi32(acc, _mm256_set1_epi32(static_cast<int32_t>(0x80808080u)), w); }
+  static inline ireg weights(ireg w) { return _mm256_xor_si256(w, _mm256_set1_epi32(static_cast<int32_t>(0x80808080u))); }
+  static inline ireg dot(ireg acc, ireg x, ireg w) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
 #else
   static constexpr bool offset = false;
-  static inline ireg bcast(int32_t x4) { return _mm256_set1_epi32(x4); }
+  static inline ireg weights(ireg w) { return w; }
   static inline ireg dot(ireg acc, ireg x, ireg w) {
     const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
-  static inline ireg offset_dot(ireg acc, ireg) { return acc; }
 #endif
 };
-
 
 }  // namespace GPTCPP_ISA_NS
 }  // namespace gptcpp

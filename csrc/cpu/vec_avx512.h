@@ -59,32 +59,33 @@ struct Vec {
 };
 
 // int8 dot products of the grouped int8 format (qmatmul.inl). An ireg holds 16 int32 lanes, one per output
-// column; a weight register holds 4 consecutive k of each of those 16 columns, and x is the broadcast of the
-// 4 matching activation bytes. dot() adds sum over the 4 k of x[k] * w[k][n] to each lane, exactly.
+// column; a weight register holds 4 consecutive k of each of those 16 columns (prepared once by weights()),
+// and x is the broadcast of the 4 matching activation bytes. dot() adds sum over the 4 k of x[k] * w[k][n]
+// to each lane, exactly, except that with `offset` it adds 128 * sum x[k] more, which the caller takes off.
 struct QDot {
   using ireg = __m512i;
   static inline ireg zero() { return _mm512_setzero_si512(); }
   static inline ireg load(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static inline ireg bcast(int32_t x4) { return _mm512_set1_epi32(x4); }
+  static inline ireg set1(int32_t v) { return _mm512_set1_epi32(v); }
   static inline Vec::reg to_float(ireg a) { return _mm512_cvtepi32_ps(a); }
   static inline ireg sub(ireg a, ireg b) { return _mm512_sub_epi32(a, b); }
 #ifdef __AVX512VNNI__
-  // vpdpbusd multiplies unsigned by signed bytes: activations go in offset by +128 and the weights' own
-  // sum times 128 (offset_dot, once per weight register, shared by every row of a tile) is taken off.
+  // vpdpbusd multiplies unsigned by signed bytes: the weights go in offset by +128 (one xor per register,
+  // shared by every row of a tile) and the activations, signed, as the instruction's broadcast operand.
   static constexpr bool offset = true;
-  static inline ireg bcast(int32_t x4) { return _mm512_set1_epi32(x4 ^ static_cast<int32_t>(0x80808080u)); }
-  static inline ireg dot(ireg acc, ireg x, ireg w) { return _mm512_dpbusd_epi32(acc, x, w); }
-  static inline ireg offset_dot(ireg acc, ireg w) { return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(static_cast<int32_t>(0x80808080u)), w); }
+  static inline ireg weights(ireg w) { return _mm512_xor_si512(w, _mm512_set1_epi32(static_cast<int32_t>(0x80808080u))); }
+  static inline ireg dot(ireg acc, ireg x, ireg w) { return _mm512_dpbusd_epi32(acc, w, x); }
 #else
   // Without VNNI: |x| (unsigned) times w with x's sign moved onto it, through vpmaddubsw (pairs, int16:
   // at most 2 * 127 * 127, no saturation since neither side is ever -128) and vpmaddwd against ones.
   static constexpr bool offset = false;
-  static inline ireg bcast(int32_t x4) { return _mm512_set1_epi32(x4); }
+  static inline ireg weights(ireg w) { return w; }
   static inline ireg dot(ireg acc, ireg x, ireg w) {
     const __m512i ws = _mm512_mask_sub_epi8(w, _mm512_movepi8_mask(x), _mm512_setzero_si512(), w);
     const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(x), ws);
     return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
   }
-  static inline ireg offset_dot(ireg acc, ireg) { return acc; }
 #endif
 };
 

@@ -66,13 +66,14 @@ struct QDot {
   static inline Vec::reg to_float(ireg a) { Vec::reg r; for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(a.v[i]); return r; }
   static inline ireg sub(ireg a, ireg b) { for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i]; return a; }
   static inline ireg bcast(int32_t x4) { ireg r; for (int i = 0; i < 8; ++i) r.v[i] = x4; return r; }
+  static inline ireg set1(int32_t v) { return bcast(v); }
+  static inline ireg weights(ireg w) { return w; }
   static inline ireg dot(ireg acc, ireg x, ireg w) {
     for (int i = 0; i < 8; ++i)
       for (int b = 0; b < 4; ++b)
         acc.v[i] += static_cast<int32_t>(static_cast<int8_t>(x.v[i] >> (8 * b))) * static_cast<int8_t>(w.v[i] >> (8 * b));
     return acc;
   }
-  static inline ireg offset_dot(ireg acc, ireg) { return acc; }
 
  private:
   static inline ireg load_bytes(const int8_t* p) {

@@ -20,6 +20,13 @@ struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::f32;
   const uint16_t* group_scales = nullptr;  // q8 only: fp16 [ceil(N/64)][ceil(K/32)][64]
+  // q8 only, optional: input channels (rows k, increasing) kept out of the int8 product, because the
+  // activations and weights there are far larger than in the other channels (GPT-2's residual stream has a
+  // few such channels) and would cost their groups' other members most of their precision. Their rows are
+  // zero in the int8 weight and stored here instead, fp16 [n_outlier_rows][N], multiplied in float32.
+  const int32_t* outlier_rows = nullptr;
+  int n_outlier_rows = 0;
+  const uint16_t* outlier_weights = nullptr;
   // f32/f16/bf16 [K,N] matrices: false for row-major (ldw apart), true for the blocked layout of matmul.inl
   // (column blocks of 64, each a contiguous [K][64] run, the last zero-padded). q8 is always blocked.
   bool blocked = false;

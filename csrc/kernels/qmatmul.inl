@@ -6,7 +6,8 @@
 // quantized the same way per row on the fly (x = p * xs, one float scale per row and group). A group's
 // products sum exactly in int32, so each output element is
 //     acc = 0;  for g in 0..K/32-1:  acc = fma(float(sum_k p[k] q[k][n]), xs[g] * scale[g][n], acc)
-// then + bias, then + out: the same operations whatever the tile, thread count, batch or instruction set
+// then + bias, then + out, then (where the weight has outlier rows, see kernels.h) + the float32 product of
+// those channels, a fixed fma chain of its own: the same operations whatever the tile, thread count, batch or instruction set
 // (the integer part is exact, the float part runs in one order), so a row's result never depends on what it
 // is batched with, and every x86 level gives the same bits (generic differs only where its fma rounds twice).
 //
@@ -28,29 +29,38 @@ constexpr int QUAD_BYTES = BLOCK * 4;  // one [64][4] row of a block
 
 // Rows m0..m1-1 of inp quantized into xq [M][Kp] (zero past K) and xs [M][Kp/32]. amax / 127 is the scale and
 // x * (127 / amax) rounded to nearest even the value, exactly as the numpy reference computes it. A NaN or inf
-// makes its group's scale NaN, so it reaches the output as it would in float32.
-inline void quantize_rows(int8_t* xq, float* xs, const float* inp, int m0, int m1, int K, int Kp, int ldi) {
+// makes its group's scale NaN, so it reaches the output as it would in float32. Channels marked in `skip`
+// (the weight's outlier rows, multiplied separately) count as zero.
+// xc[m][g] = 128 * (sum of the group's quantized values): what VNNI's offset weights add to each sum.
+inline void quantize_rows(int8_t* xq, float* xs, int32_t* xc, const float* inp, const uint8_t* skip, int m0, int m1,
+                          int K, int Kp, int ldi) {
+  float v[GROUP];
   for (int m = m0; m < m1; ++m) {
     const float* x = inp + static_cast<int64_t>(m) * ldi;
     int8_t* q = xq + static_cast<int64_t>(m) * Kp;
     float* s = xs + static_cast<int64_t>(m) * (Kp / GROUP);
+    int32_t* c = xc + static_cast<int64_t>(m) * (Kp / GROUP);
     for (int k0 = 0; k0 < Kp; k0 += GROUP) {
       const int n = K - k0 < GROUP ? K - k0 : GROUP;
+      for (int i = 0; i < n; ++i) v[i] = skip && skip[k0 + i] ? 0.0f : x[k0 + i];
       float amax = 0.0f;
       bool finite = true;
       for (int i = 0; i < n; ++i) {
-        const float a = std::fabs(x[k0 + i]);
+        const float a = std::fabs(v[i]);
         finite = finite && a <= 3.4028235e38f;
         amax = a > amax ? a : amax;
       }
       const float id = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
       s[k0 / GROUP] = finite ? amax / 127.0f : std::nanf("");
+      int32_t sum = 0;
       for (int i = 0; i < n; ++i) {
-        float r = std::nearbyint(x[k0 + i] * id);
+        float r = std::nearbyint(v[i] * id);
         r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
         q[k0 + i] = static_cast<int8_t>(r);
+        sum += q[k0 + i];
       }
       for (int i = n; i < GROUP; ++i) q[k0 + i] = 0;
+      c[k0 / GROUP] = 128 * sum;
     }
   }
 }
@@ -61,37 +71,48 @@ inline int32_t four_bytes(const int8_t* p) {
   return v;
 }
 
+// Where a tile's rows find their quantized activations.
+struct QRows {
+  const int8_t* xq;   // [rows][Kp]
+  const float* xs;    // [rows][Kp/32]
+  const int32_t* xc;  // [rows][Kp/32]
+  int Kp;
+  QRows from(int m) const {
+    const int64_t g = static_cast<int64_t>(m) * (Kp / GROUP);
+    return {xq + static_cast<int64_t>(m) * Kp, xs + g, xc + g, Kp};
+  }
+};
+
 // ROWS rows of out against CV registers of columns of one block (columns c .. c + CV*L - 1 of the block,
 // n0 the first's index in out); float sums in registers across the groups, int32 sums per group.
 template <int ROWS, int CV>
-inline void q8_tile(float* out, int ldo, const int8_t* xq, const float* xs, int Kp, const int8_t* wblock,
-                    const uint16_t* sblock, int c, const float* bias, int n0, int ncols, bool accumulate) {
+inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const uint16_t* sblock, int c,
+                    const float* bias, int n0, int ncols, bool accumulate) {
   R acc[ROWS][CV];
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = Vec::zero();
-  const int groups = Kp / GROUP;
+  const int Kp = x.Kp, groups = Kp / GROUP;
   const int8_t* wq = wblock + c * 4;
   for (int g = 0; g < groups; ++g) {
-    I sum[ROWS][CV], corr[CV];
-    for (int j = 0; j < CV; ++j) corr[j] = QDot::zero();
+    I sum[ROWS][CV];
     for (int i = 0; i < ROWS; ++i)
       for (int j = 0; j < CV; ++j) sum[i][j] = QDot::zero();
-    for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES) {
+    const int8_t* xg = x.xq + g * GROUP;
+    for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES, xg += 4) {
       I w[CV];
-      for (int j = 0; j < CV; ++j) w[j] = QDot::load(wq + j * L * 4);
-      if (QDot::offset)
-        for (int j = 0; j < CV; ++j) corr[j] = QDot::offset_dot(corr[j], w[j]);
+      for (int j = 0; j < CV; ++j) w[j] = QDot::weights(QDot::load(wq + j * L * 4));
       for (int i = 0; i < ROWS; ++i) {
-        const I x = QDot::bcast(four_bytes(xq + static_cast<int64_t>(i) * Kp + g * GROUP + q * 4));
-        for (int j = 0; j < CV; ++j) sum[i][j] = QDot::dot(sum[i][j], x, w[j]);
+        const I xb = QDot::bcast(four_bytes(xg + static_cast<int64_t>(i) * Kp));
+        for (int j = 0; j < CV; ++j) sum[i][j] = QDot::dot(sum[i][j], xb, w[j]);
       }
     }
     R sw[CV];
     for (int j = 0; j < CV; ++j) sw[j] = Vec::load_f16(sblock + g * BLOCK + c + j * L);
     for (int i = 0; i < ROWS; ++i) {
-      const R sx = Vec::set1(xs[static_cast<int64_t>(i) * groups + g]);
+      const R sx = Vec::set1(x.xs[i * groups + g]);
+      const I off = QDot::set1(x.xc[i * groups + g]);
       for (int j = 0; j < CV; ++j) {
-        const I d = QDot::offset ? QDot::sub(sum[i][j], corr[j]) : sum[i][j];
+        const I d = QDot::offset ? QDot::sub(sum[i][j], off) : sum[i][j];
         acc[i][j] = Vec::fma(QDot::to_float(d), Vec::mul(sx, sw[j]), acc[i][j]);
       }
     }
@@ -115,14 +136,25 @@ inline void q8_tile(float* out, int ldo, const int8_t* xq, const float* xs, int 
   }
 }
 
-// Rows m0..m1-1 against units u0..u1-1, a unit being CV registers of columns (a block holds 64 / (CV*L)).
-// Two rows per tile share each weight load (and VNNI's offset correction).
-template <int CV>
-inline void q8_range(float* out, const int8_t* xq, const float* xs, const WeightView& w, const float* bias, int m0,
-                     int m1, int Kp, int N, int ldo, int u0, int u1, bool accumulate) {
+// The last rows - m (fewer than ROWS) of a unit, one tile.
+template <int ROWS, int CV>
+inline void q8_tail(int rows, float* out, int ldo, QRows x, const int8_t* wb, const uint16_t* sb, int c,
+                    const float* bias, int n0, int ncols, bool accumulate) {
+  if constexpr (ROWS > 1) {
+    if (rows == ROWS - 1) return q8_tile<ROWS - 1, CV>(out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate);
+    return q8_tail<ROWS - 1, CV>(rows, out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate);
+  }
+}
+
+// Rows m0..m1-1 against units u0..u1-1, a unit being CV registers of columns (a block holds 64 / (CV*L)),
+// ROWS rows per tile sharing each weight load.
+template <int ROWS, int CV>
+inline void q8_range(float* out, QRows x, const WeightView& w, const float* bias, int m0, int m1, int N, int ldo,
+                     int u0, int u1, bool accumulate) {
   constexpr int UNIT = CV * L, UNITS_PER_BLOCK = BLOCK / UNIT;
   const int8_t* q = static_cast<const int8_t*>(w.data);
   const uint16_t* s = w.group_scales;
+  const int Kp = x.Kp;
   for (int u = u0; u < u1; ++u) {
     const int b = u / UNITS_PER_BLOCK, c = (u % UNITS_PER_BLOCK) * UNIT, n0 = b * BLOCK + c;
     if (n0 >= N) break;
@@ -130,42 +162,45 @@ inline void q8_range(float* out, const int8_t* xq, const float* xs, const Weight
     const int8_t* wb = q + static_cast<int64_t>(b) * Kp * BLOCK;
     const uint16_t* sb = s + static_cast<int64_t>(b) * (Kp / GROUP) * BLOCK;
     int m = m0;
-    for (; m + 2 <= m1; m += 2)
-      q8_tile<2, CV>(out + static_cast<int64_t>(m) * ldo, ldo, xq + static_cast<int64_t>(m) * Kp,
-                     xs + static_cast<int64_t>(m) * (Kp / GROUP), Kp, wb, sb, c, bias, n0, ncols, accumulate);
+    for (; m + ROWS <= m1; m += ROWS)
+      q8_tile<ROWS, CV>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols, accumulate);
     if (m < m1)
-      q8_tile<1, CV>(out + static_cast<int64_t>(m) * ldo, ldo, xq + static_cast<int64_t>(m) * Kp,
-                     xs + static_cast<int64_t>(m) * (Kp / GROUP), Kp, wb, sb, c, bias, n0, ncols, accumulate);
+      q8_tail<ROWS, CV>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
+                        accumulate);
   }
 }
 
-// Registers of columns per unit: a whole 64-column block on AVX-512; half a block on AVX2 and generic, whose
-// 16 registers cannot hold two rows of eight accumulators.
-constexpr int Q_CV = L == 16 ? 4 : 4;
-constexpr int Q_CV_GEMM = L == 16 ? 4 : 2;
+// Tile shapes. Decoding (M <= 2): a whole 64-column block per pass on AVX-512, half a block elsewhere, rows
+// one by one. Many rows: two registers of columns against as many rows as the register file holds with their
+// int32 and float sums (AVX-512: 6 x 2, so 24 sums + 2 weights of 32 registers; AVX2: 3 x 2 with VNNI,
+// 2 x 2 with vpmaddubsw, which needs three more registers for its sign trick).
+constexpr int Q_CV = 4;
+constexpr int Q_ROWS_GEMM = L == 16 ? 6 : QDot::offset ? 3 : 2;
+constexpr int Q_CV_GEMM = 2;
 
-template <int CV>
-void q8_parallel(float* out, const int8_t* xq, float* xs, const float* inp, const WeightView& w, const float* bias,
-                 int M, int K, int Kp, int N, int ldi, int ldo, bool accumulate, bool parallel) {
+template <int ROWS, int CV>
+void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, const WeightView& w, const float* bias,
+                 int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
   constexpr int UNIT = CV * L;
   const int units = (N + BLOCK - 1) / BLOCK * (BLOCK / UNIT);
 #pragma omp parallel if (parallel)
   {
     const int nt = thread_count(), t = thread_index();
-    quantize_rows(const_cast<int8_t*>(xq), xs, inp, static_cast<int>(static_cast<int64_t>(M) * t / nt),
-                  static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt), K, Kp, ldi);
+    quantize_rows(const_cast<int8_t*>(x.xq), const_cast<float*>(x.xs), const_cast<int32_t*>(x.xc), inp, skip,
+                  static_cast<int>(static_cast<int64_t>(M) * t / nt),
+                  static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt), K, x.Kp, ldi);
 #pragma omp barrier
     // Contiguous column units per thread; rows split too when there are too few units for the team.
-    const int mgroups = units >= 2 * nt || M < 4 ? 1 : (2 * nt + units - 1) / units;
+    const int mgroups = units >= 2 * nt || M < 2 * ROWS ? 1 : (2 * nt + units - 1) / units;
     const int tasks = units * mgroups;
     const int k0 = static_cast<int>(static_cast<int64_t>(tasks) * t / nt);
     const int k1 = static_cast<int>(static_cast<int64_t>(tasks) * (t + 1) / nt);
     for (int task = k0; task < k1;) {
       const int g = task / units, u = task % units;
       const int u_end = (g + 1) * units < k1 ? units : k1 - g * units;
-      const int m0 = static_cast<int>(static_cast<int64_t>(M) * g / mgroups) & ~1;
-      const int m1 = g + 1 == mgroups ? M : static_cast<int>(static_cast<int64_t>(M) * (g + 1) / mgroups) & ~1;
-      q8_range<CV>(out, xq, xs, w, bias, m0, m1, Kp, N, ldo, u, u_end, accumulate);
+      const int m0 = static_cast<int>(static_cast<int64_t>(M) * g / mgroups);
+      const int m1 = static_cast<int>(static_cast<int64_t>(M) * (g + 1) / mgroups);
+      q8_range<ROWS, CV>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
       task += u_end - u;
     }
   }
@@ -177,14 +212,21 @@ void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* 
                        int ldo, bool accumulate) {
   using namespace qmatmul_detail;
   const int Kp = (K + GROUP - 1) / GROUP * GROUP;
-  // Quantized activations in the calling thread's buffer, shared with the team: M*Kp bytes, then the scales.
-  const int64_t xq_floats = (static_cast<int64_t>(M) * Kp + 3) / 4;
-  float* buf = scratch_floats(xq_floats + static_cast<int64_t>(M) * (Kp / GROUP), 2);
-  int8_t* xq = reinterpret_cast<int8_t*>(buf);
-  float* xs = buf + xq_floats;
+  // Quantized activations in the calling thread's buffer, shared with the team: M*Kp bytes, the scales, the
+  // offset corrections, and a byte per channel marking the weight's outlier rows.
+  const int64_t xq_floats = (static_cast<int64_t>(M) * Kp + 3) / 4, per_group = static_cast<int64_t>(M) * (Kp / GROUP);
+  float* buf = scratch_floats(xq_floats + 2 * per_group + (K + 3) / 4, 2);
+  const QRows x{reinterpret_cast<int8_t*>(buf), buf + xq_floats, reinterpret_cast<int32_t*>(buf + xq_floats + per_group),
+                Kp};
+  uint8_t* skip = nullptr;
+  if (w.n_outlier_rows > 0) {
+    skip = reinterpret_cast<uint8_t*>(buf + xq_floats + 2 * per_group);
+    std::memset(skip, 0, K);
+    for (int j = 0; j < w.n_outlier_rows; ++j) skip[w.outlier_rows[j]] = 1;
+  }
   const bool parallel = static_cast<int64_t>(M) * K * N > 32768;
   if (M <= 2)
-    q8_parallel<Q_CV>(out, xq, xs, inp, w, bias, M, K, Kp, N, ldi, ldo, accumulate, parallel);
+    q8_parallel<1, Q_CV>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
   else
-    q8_parallel<Q_CV_GEMM>(out, xq, xs, inp, w, bias, M, K, Kp, N, ldi, ldo, accumulate, parallel);
+    q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
 }

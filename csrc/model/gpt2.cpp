@@ -19,7 +19,7 @@ namespace {
 // One row of the token embedding table, widened to float32. A q8 table is stored transposed for the LM head
 // ([n_embd, vocab] in qmatmul.inl's layout), so a token's row is its column there: byte k%4 of column
 // token%64 in quad k/4 of block token/64, times the fp16 scale of its group.
-void embedding_row(float* out, const WeightView& wte, int32_t token, int C) {
+void embedding_row(float* out, const WeightView& wte, int32_t token, int C, int vocab) {
   const int64_t off = static_cast<int64_t>(token) * C;
   switch (wte.dtype) {
     case DType::f32: std::memcpy(out, static_cast<const float*>(wte.data) + off, sizeof(float) * C); break;
@@ -39,6 +39,8 @@ void embedding_row(float* out, const WeightView& wte, int32_t token, int C) {
       const uint16_t* s = wte.group_scales + static_cast<int64_t>(token / kBlockCols) * (Kp / kQuantGroup) * kBlockCols;
       for (int j = 0; j < C; ++j)
         out[j] = static_cast<float>(q[(j / 4 * kBlockCols + col) * 4 + j % 4]) * f16_to_f32(s[j / kQuantGroup * kBlockCols + col]);
+      for (int j = 0; j < wte.n_outlier_rows; ++j)  // channels stored apart, fp16 [n][vocab]
+        out[wte.outlier_rows[j]] = f16_to_f32(wte.outlier_weights[static_cast<int64_t>(j) * vocab + token]);
       break;
     }
   }
@@ -127,7 +129,7 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       for (int t = 0; t < it.n_tokens; ++t, ++r) {
         const float* pe = weights_.wpe + static_cast<int64_t>(it.cache->length() + t) * C;
         float* xr = x.data() + static_cast<int64_t>(r) * C;
-        embedding_row(xr, weights_.wte, it.tokens[t], C);
+        embedding_row(xr, weights_.wte, it.tokens[t], C, config_.vocab_size);
         for (int j = 0; j < C; ++j) xr[j] += pe[j];
       }
     }

@@ -18,7 +18,7 @@ BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "bundled")
 
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 # Only in checkpoints written by gptcpp.quantize (bf16 bits are stored as U16 there).
-_RAW_DTYPES = {**_DTYPES, "I8": (np.int8, 1), "U16": (np.uint16, 2)}
+_RAW_DTYPES = {**_DTYPES, "I8": (np.int8, 1), "U16": (np.uint16, 2), "I32": (np.int32, 4)}
 # Buffers some GPT-2 checkpoints carry that are not weights.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -209,21 +209,24 @@ def load_weights(directory: str, cfg: GPT2Config) -> tuple[dict[str, np.ndarray]
         by_name.setdefault(canon, (f, name))
     stored = metadata.get("gptcpp.dtype")
     if stored is not None:
-        from .quantize import FORMAT_VERSION, stored_shapes  # the layouts gptcpp writes
+        from .quantize import FORMAT_VERSION, OPTIONAL_SUFFIXES, stored_shapes  # the layouts gptcpp writes
         version = metadata.get("gptcpp.format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{directory}: a gptcpp {stored} checkpoint of format version {version}, but this "
                                   f"gptcpp reads version {FORMAT_VERSION}; quantize the original checkpoint again")
         expected = stored_shapes(cfg, stored)
     else:
+        OPTIONAL_SUFFIXES = ()
         expected = {n: (s, None) for n, s in expected_shapes(cfg).items()}
     tensors = {}
     for canon, (shape, np_dtype) in expected.items():
         if canon not in by_name:
+            if canon.endswith(OPTIONAL_SUFFIXES):
+                continue
             raise CheckpointError(f"{directory}: tensor {canon!r} is missing from the checkpoint")
         f, name = by_name[canon]
         got = tuple(f.entries[name][1])
-        if got != shape:
+        if len(got) != len(shape) or any(want is not None and g != want for g, want in zip(got, shape)):
             raise CheckpointError(f"{directory}: tensor {name!r} has shape {list(got)}, but config.json implies "
                                   f"{list(shape)}")
         if np_dtype is None:

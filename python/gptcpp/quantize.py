@@ -8,10 +8,15 @@ embedding stay float32. The kernels widen the stored values to float32 exactly, 
   output channel (max|w| / 127 over the group, rounded to fp16), q in [-127, 127]: 1.0625 bytes per weight.
   The kernels quantize the activations the same way per row on the fly and sum each group's products in
   int32 (VNNI's vpdpbusd where the CPU has it), so int8 compute is int8, not float32. Small groups keep GPT-2's
-  few large-magnitude channels from costing the others their precision. The token embedding / LM head stays
-  fp16 in this format: GPT-2's large-magnitude channels run across its rows, so a group of 32 along a row
-  that holds one loses most of the others' precision (measured on the outlier test model: 1.8% RMS logit
-  error with it in int8, 1.25% without)."""
+  few large-magnitude weights from costing the others their precision, but GPT-2's residual stream has a few
+  channels far larger than the rest, in the token embedding and in every layer-normed activation that feeds
+  the next matrix: a group holding one of them would lose its other members' precision, on the weight side
+  and on the activation side. Those channels (found from the embedding's per-channel RMS) are kept out of the
+  int8 product of the three matrices that read the residual stream (the LM head, c_attn, c_fc): their
+  weight rows are stored in fp16 and multiplied in float32 (measured on the outlier test model: RMS logit
+  error 1.8% without this, see the README for the figure with it). The token embedding is the LM head's
+  weight too, so it is stored transposed, [n_embd, vocab], in the matrix kernels' layout, and an embedding
+  lookup gathers a token's column from it."""
 from __future__ import annotations
 
 import numpy as np
@@ -52,14 +57,31 @@ BLOCK_COLS = 64
 GROUP = 32
 
 
-def quantize_int8(name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] float32 -> (q int8 [ceil(N/64), Kp/4, 64, 4], scales fp16 [ceil(N/64), Kp/32, 64]) with Kp = K
-    rounded up to 32, zero-padded: the layout of csrc/kernels/qmatmul.inl. Each run of 4 consecutive k of one
-    column is 4 adjacent bytes, so one register load holds 4 k of 16 (or 8) columns."""
+def residual_outlier_channels(wte: np.ndarray) -> np.ndarray:
+    """The residual stream's large-magnitude channels, read off the token embedding [vocab, n_embd]: those whose
+    RMS over the vocabulary is over 4x the median channel's (at most n_embd / 16 of them), increasing."""
+    rms = np.sqrt(np.mean(np.square(wte, dtype=np.float64), axis=0))
+    big = np.flatnonzero(rms > 4.0 * np.median(rms))
+    big = big[np.argsort(rms[big])[::-1][:max(1, wte.shape[1] // 16)]]
+    return np.sort(big).astype(np.int32)
+
+
+def quantize_int8(name: str, w: np.ndarray, outlier_rows=None) -> dict[str, np.ndarray]:
+    """[K, N] float32 -> {name: q int8 [ceil(N/64), Kp/4, 64, 4], name.scale: fp16 [ceil(N/64), Kp/32, 64]}
+    with Kp = K rounded up to 32, zero-padded: the layout of csrc/kernels/qmatmul.inl (each run of 4 consecutive
+    k of one column is 4 adjacent bytes, so one register load holds 4 k of 16 or 8 columns). outlier_rows
+    (increasing channel indices) are zeroed there and kept as name.outlier_rows (int32) and
+    name.outlier_weights (fp16 [n, N]), multiplied in float32 by the kernel."""
     K, N = w.shape
     Kp, nb = -(-K // GROUP) * GROUP, -(-N // BLOCK_COLS)
     padded = np.zeros((Kp, nb * BLOCK_COLS), dtype=np.float32)
     padded[:K, :N] = w
+    out = {}
+    if outlier_rows is not None and len(outlier_rows):
+        rows = np.asarray(outlier_rows, dtype=np.int32)
+        out[name + ".outlier_rows"] = rows
+        out[name + ".outlier_weights"] = np.ascontiguousarray(_to_fp16(name, w[rows]))
+        padded[rows] = 0.0
     groups = padded.reshape(Kp // GROUP, GROUP, nb * BLOCK_COLS)
     amax = np.abs(groups).max(axis=1)
     if not np.isfinite(amax).all() or amax.max(initial=0.0) / 127.0 > 65504:
@@ -69,16 +91,21 @@ def quantize_int8(name: str, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s32[:, None, :] > 0, np.rint(groups / s32[:, None, :]), 0.0)
     q = q.clip(-127, 127).astype(np.int8).reshape(Kp // 4, 4, nb, BLOCK_COLS)
-    return (np.ascontiguousarray(q.transpose(2, 0, 3, 1)),
-            np.ascontiguousarray(scale.reshape(Kp // GROUP, nb, BLOCK_COLS).transpose(1, 0, 2)))
+    out[name] = np.ascontiguousarray(q.transpose(2, 0, 3, 1))
+    out[name + ".scale"] = np.ascontiguousarray(scale.reshape(Kp // GROUP, nb, BLOCK_COLS).transpose(1, 0, 2))
+    return out
 
 
-def dequantize_int8(q: np.ndarray, scales: np.ndarray, K: int, N: int) -> np.ndarray:
-    """The [K, N] float32 matrix that quantize_int8's output stands for."""
+def dequantize_int8(tensors: dict, name: str, K: int, N: int) -> np.ndarray:
+    """The [K, N] float32 matrix that quantize_int8's tensors stand for."""
+    q, scales = tensors[name], tensors[name + ".scale"]
     nb, kq = q.shape[:2]
     w = q.transpose(1, 3, 0, 2).reshape(kq * 4, nb * BLOCK_COLS).astype(np.float32)
     s = scales.astype(np.float32).transpose(1, 0, 2).reshape(kq * 4 // GROUP, 1, nb * BLOCK_COLS)
-    return (w.reshape(kq * 4 // GROUP, GROUP, -1) * s).reshape(kq * 4, -1)[:K, :N]
+    w = (w.reshape(kq * 4 // GROUP, GROUP, -1) * s).reshape(kq * 4, -1)[:K, :N]
+    if name + ".outlier_rows" in tensors:
+        w[tensors[name + ".outlier_rows"]] = tensors[name + ".outlier_weights"].astype(np.float32)
+    return w
 
 
 def to_blocked(w: np.ndarray) -> np.ndarray:
@@ -97,19 +124,25 @@ def from_blocked(b: np.ndarray, n: int) -> np.ndarray:
 
 
 def convert_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    """float32 tensors -> the same names in `dtype` (int8 adds a '<name>.scale' tensor per matrix)."""
+    """float32 tensors -> the same names in `dtype` (int8 adds '<name>.scale' tensors, and
+    '<name>.outlier_rows' / '<name>.outlier_weights' where a matrix has outlier channels)."""
     check_dtype(dtype)
     if dtype == "fp32":
         return tensors
     out = {}
+    outliers = residual_outlier_channels(tensors["wte.weight"]) if dtype == "int8" else None
     for name, t in tensors.items():
         if not is_matrix(name):
             out[name] = t
-        elif name in ("wte.weight", "lm_head.weight"):
-            # [vocab, n_embd] rows are read whole by the LM head: row-major suits it. int8 keeps it fp16.
-            out[name] = to_bf16(t) if dtype == "bf16" else _to_fp16(name, t)
         elif dtype == "int8":
-            out[name], out[name + ".scale"] = quantize_int8(name, t)
+            # The embedding / LM head [vocab, n_embd] goes in transposed: [n_embd, vocab], like a Conv1D weight.
+            # It and the two matrices that read a layer-normed residual stream keep its outlier channels apart.
+            table = name in ("wte.weight", "lm_head.weight")
+            rows = outliers if table or name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")) else None
+            out.update(quantize_int8(name, t.T if table else t, rows))
+        elif name in ("wte.weight", "lm_head.weight"):
+            # [vocab, n_embd] rows are read whole by the LM head: row-major suits it.
+            out[name] = to_bf16(t) if dtype == "bf16" else _to_fp16(name, t)
         else:
             out[name] = to_blocked(to_bf16(t) if dtype == "bf16" else _to_fp16(name, t))
     return out
@@ -119,10 +152,12 @@ def convert_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.
 
 # 2: int8 in groups of 32 (version 1 had a scale per channel; such files are refused).
 FORMAT_VERSION = "2"
+OPTIONAL_SUFFIXES = (".outlier_rows", ".outlier_weights")
 
 
 def stored_shapes(cfg, dtype: str) -> dict:
-    """name -> (shape, numpy dtype) of every tensor in a checkpoint written by save_quantized."""
+    """name -> (shape, numpy dtype) of every tensor in a checkpoint written by save_quantized. Outlier tensors
+    (OPTIONAL_SUFFIXES) may be absent, and their None dimension is the file's own outlier count."""
     from .loading import expected_shapes
     if dtype not in DTYPES or dtype == "fp32":
         raise ValueError(f"unknown gptcpp.dtype {dtype!r} in the checkpoint's metadata")
@@ -130,11 +165,13 @@ def stored_shapes(cfg, dtype: str) -> dict:
     table = np.uint16 if dtype == "bf16" else np.float16
     out = {}
     for name, shape in expected_shapes(cfg).items():
-        if is_matrix(name) and dtype == "int8" and name not in ("wte.weight", "lm_head.weight"):
-            K, N = shape
+        if is_matrix(name) and dtype == "int8":
+            K, N = shape[::-1] if name in ("wte.weight", "lm_head.weight") else shape
             nb, Kp = -(-N // BLOCK_COLS), -(-K // GROUP) * GROUP
             out[name] = ((nb, Kp // 4, BLOCK_COLS, 4), np.int8)
             out[name + ".scale"] = ((nb, Kp // GROUP, BLOCK_COLS), np.float16)
+            out[name + ".outlier_rows"] = ((None,), np.int32)
+            out[name + ".outlier_weights"] = ((None, N), np.float16)
         elif name in ("wte.weight", "lm_head.weight"):
             out[name] = (shape, table)
         elif is_matrix(name):
