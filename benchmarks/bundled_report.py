@@ -39,7 +39,7 @@ def main():
     windows = [ids[i * 256:(i + 1) * 256] for i in picks]
     base = None
     print(f"held-out: {len(ids)} tokens; {args.windows} windows of 256 spread evenly")
-    for dtype in ("fp32", "fp16", "bf16", "int8"):
+    for dtype in ("fp32", "fp16", "bf16", "int8", "int4"):
         m = ref if dtype == "fp32" else gptcpp.GPT2.from_pretrained("stdlib-gpt2", threads=args.threads, dtype=dtype)
         lp = n = 0
         errs = []

@@ -64,16 +64,20 @@ DType dtype_of(const py::array& w, const std::string& name) {
   if (kind == 'f' && item == 2) return DType::f16;
   if (kind == 'u' && item == 2) return DType::bf16;
   if (kind == 'i' && item == 1) return DType::q8;
-  throw std::invalid_argument("tensor " + name + " must be float32, float16, uint16 (bf16) or int8");
+  if (kind == 'u' && item == 1) return DType::q4;
+  throw std::invalid_argument("tensor " + name + " must be float32, float16, uint16 (bf16), int8 or uint8 (int4)");
 }
 
-// q8 weights (kernels.h): int8 [ceil(N/64)][Kp/4][64][4] and fp16 scales [ceil(N/64)][Kp/32][64] for a [K,N]
-// matrix, Kp = K rounded up to 32 (qmatmul.inl's layout). Checked in full: a wrong shape must not be read.
+// q8 / q4 weights (kernels.h): int8 [ceil(N/64)][Kp/4][64][4] (int4: uint8 [ceil(N/64)][Kp/8][64][4], two
+// values a byte) and fp16 scales [ceil(N/64)][Kp/32][64] for a [K,N] matrix, Kp = K rounded up to 32
+// (qmatmul.inl's layout). Checked in full: a wrong shape must not be read.
 WeightView q8_view(const py::array& q, const py::array& scales, int64_t K, int64_t N, const std::string& name) {
   const int64_t nb = (N + kBlockCols - 1) / kBlockCols, Kp = (K + kQuantGroup - 1) / kQuantGroup * kQuantGroup;
-  if (q.ndim() != 4 || q.shape(0) != nb || q.shape(1) != Kp / 4 || q.shape(2) != kBlockCols || q.shape(3) != 4)
-    throw std::invalid_argument("int8 tensor " + name + " must have shape (" + std::to_string(nb) + ", " +
-                                std::to_string(Kp / 4) + ", 64, 4)");
+  const bool q4 = dtype_of(q, name) == DType::q4;
+  const int64_t rows = q4 ? Kp / 8 : Kp / 4;
+  if (q.ndim() != 4 || q.shape(0) != nb || q.shape(1) != rows || q.shape(2) != kBlockCols || q.shape(3) != 4)
+    throw std::invalid_argument(std::string(q4 ? "int4" : "int8") + " tensor " + name + " must have shape (" +
+                                std::to_string(nb) + ", " + std::to_string(rows) + ", 64, 4)");
   if (scales.dtype().kind() != 'f' || scales.itemsize() != 2 || scales.ndim() != 3 || scales.shape(0) != nb ||
       scales.shape(1) != Kp / kQuantGroup || scales.shape(2) != kBlockCols)
     throw std::invalid_argument("scales of " + name + " must be float16 of shape (" + std::to_string(nb) + ", " +
@@ -82,7 +86,7 @@ WeightView q8_view(const py::array& q, const py::array& scales, int64_t K, int64
     throw std::invalid_argument("tensor " + name + " must be C-contiguous");
   WeightView w;
   w.data = q.data();
-  w.dtype = DType::q8;
+  w.dtype = q4 ? DType::q4 : DType::q8;
   w.group_scales = static_cast<const uint16_t*>(scales.data());
   w.blocked = true;
   return w;
@@ -122,7 +126,10 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
   py::array arr = py::reinterpret_borrow<py::array>(tensors[name.c_str()]);
   if (!(arr.flags() & py::array::c_style)) throw std::invalid_argument("tensor " + name + " must be C-contiguous");
   WeightView w;
-  if (dtype_of(arr, name) == DType::q8) {
+  const DType dtype = dtype_of(arr, name);
+  if (dtype == DType::q4 && rows_are_outputs)
+    throw std::invalid_argument("tensor " + name + ": the token embedding / LM head may be int8, not int4");
+  if (dtype == DType::q8 || dtype == DType::q4) {
     const std::string sname = name + ".scale";
     if (!tensors.contains(sname)) throw std::invalid_argument("missing tensor " + sname);
     py::array scales = py::reinterpret_borrow<py::array>(tensors[sname.c_str()]);
@@ -457,8 +464,8 @@ PYBIND11_MODULE(_core, m) {
     if (!(weight.flags() & py::array::c_style)) throw std::invalid_argument("weight must be C-contiguous");
     if (out.shape(0) != M) throw std::invalid_argument("shape mismatch");
     WeightView wv;
-    if (dtype_of(weight, "weight") == DType::q8) {
-      if (scales.is_none()) throw std::invalid_argument("int8 weights need scales");
+    if (dtype_of(weight, "weight") == DType::q8 || dtype_of(weight, "weight") == DType::q4) {
+      if (scales.is_none()) throw std::invalid_argument("int8 / int4 weights need scales");
       wv = q8_view(weight, scales.cast<py::array>(), K, N, "weight");
       add_q8_outliers(wv, outlier_rows, outlier_weights, K, N, "weight");
     } else {
@@ -488,7 +495,8 @@ PYBIND11_MODULE(_core, m) {
     WeightView wv;
     wv.data = weight.data();
     wv.dtype = dtype_of(weight, "weight");
-    if (wv.dtype == DType::q8) throw std::invalid_argument("int8 weights are multiplied by matmul, in their own layout");
+    if (wv.dtype == DType::q8 || wv.dtype == DType::q4)
+      throw std::invalid_argument("int8 / int4 weights are multiplied by matmul, in their own layout");
     FloatArray o({M, N});
     with_isa(isa, [&](const KernelTable& t) { t.matmul_nt_forward(o.mutable_data(), inp.data(), wv, M, K, N, N); });
     return o;

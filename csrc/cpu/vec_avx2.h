@@ -84,6 +84,16 @@ struct QDot {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
 #endif
+  // int4 weights, two unsigned nibbles (value + 8) per byte; see vec_avx512.h.
+  static inline ireg low_nibbles(ireg w) { return _mm256_and_si256(w, _mm256_set1_epi8(0x0F)); }
+  static inline ireg high_nibbles(ireg w) { return _mm256_and_si256(_mm256_srli_epi16(w, 4), _mm256_set1_epi8(0x0F)); }
+#ifdef __AVXVNNI__
+  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
+#else
+  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  }
+#endif
 };
 
 }  // namespace GPTCPP_ISA_NS

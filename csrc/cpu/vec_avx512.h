@@ -87,6 +87,18 @@ struct QDot {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
   }
 #endif
+  // int4 weights come as two nibbles per byte, each the value + 8 (0..15): unsigned bytes, so both paths take
+  // them as the unsigned operand directly (vpmaddubsw pairs stay within 2 * 15 * 127); the caller takes off
+  // 8 * sum x[k].
+  static inline ireg low_nibbles(ireg w) { return _mm512_and_si512(w, _mm512_set1_epi8(0x0F)); }
+  static inline ireg high_nibbles(ireg w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(0x0F)); }
+#ifdef __AVX512VNNI__
+  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) { return _mm512_dpbusd_epi32(acc, w, x); }
+#else
+  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+  }
+#endif
 };
 
 }  // namespace GPTCPP_ISA_NS

@@ -68,6 +68,19 @@ struct QDot {
   static inline ireg bcast(int32_t x4) { ireg r; for (int i = 0; i < 8; ++i) r.v[i] = x4; return r; }
   static inline ireg set1(int32_t v) { return bcast(v); }
   static inline ireg weights(ireg w) { return w; }
+  // int4 weights, two unsigned nibbles (value + 8) per byte; see vec_avx512.h.
+  static inline ireg low_nibbles(ireg w) { for (int i = 0; i < 8; ++i) w.v[i] &= 0x0F0F0F0F; return w; }
+  static inline ireg high_nibbles(ireg w) {
+    for (int i = 0; i < 8; ++i) w.v[i] = static_cast<int32_t>((static_cast<uint32_t>(w.v[i]) >> 4) & 0x0F0F0F0Fu);
+    return w;
+  }
+  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) {
+    for (int i = 0; i < 8; ++i)
+      for (int b = 0; b < 4; ++b)
+        acc.v[i] += static_cast<int32_t>(static_cast<int8_t>(x.v[i] >> (8 * b))) *
+                    static_cast<int32_t>((static_cast<uint32_t>(w.v[i]) >> (8 * b)) & 0xFF);
+    return acc;
+  }
   static inline ireg dot(ireg acc, ireg x, ireg w) {
     for (int i = 0; i < 8; ++i)
       for (int b = 0; b < 4; ++b)

@@ -35,15 +35,6 @@ const KernelTable& kernels_for(Isa isa) {
 
 const KernelTable& kernels() { return kernels_for(selected_isa()); }
 
-int dtype_size(DType d) {
-  switch (d) {
-    case DType::f32: return 4;
-    case DType::f16: case DType::bf16: return 2;
-    case DType::q8: return 1;
-  }
-  return 4;
-}
-
 #ifdef _OPENMP
 int thread_count() { return omp_get_num_threads(); }
 int thread_index() { return omp_get_thread_num(); }

@@ -425,7 +425,8 @@ void matmul_forward(float* out, const float* inp, WeightView w, const float* bia
       return matmul_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, bias, M, K, N, ldi, ldo, ldw, accumulate);
     case DType::bf16:
       return matmul_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, bias, M, K, N, ldi, ldo, ldw, accumulate);
-    case DType::q8: {
+    case DType::q8:
+    case DType::q4: {
       q8_matmul_forward(out, inp, w, bias, M, K, N, ldi, ldo, accumulate);
       if (w.n_outlier_rows == 0) return;
       // The outlier channels' part, in float32 over their fp16 rows, added to what the int8 product wrote.
@@ -507,6 +508,7 @@ void matmul_nt_forward(float* out, const float* inp, WeightView w, int M, int K,
     case DType::f32: return matmul_nt_impl<F32W>(out, inp, static_cast<const float*>(w.data), M, K, N, ldo);
     case DType::f16: return matmul_nt_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), M, K, N, ldo);
     case DType::bf16: return matmul_nt_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), M, K, N, ldo);
-    case DType::q8: break;  // stored transposed, [n_embd, vocab]: the model calls matmul_forward
+    case DType::q8:
+    case DType::q4: break;  // stored transposed, [n_embd, vocab]: the model calls matmul_forward
   }
 }

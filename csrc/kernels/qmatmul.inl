@@ -1,8 +1,8 @@
 // Matrix multiplication over the grouped int8 weight format, written once against `Vec` and `QDot` (included by
 // each kernels_<isa>.cpp; QDot is vpdpbusd where the CPU has VNNI, vpmaddubsw otherwise, plain loops in generic).
 //
-// q8_matmul_forward: out[M,N] (+)= inp[M,K] @ weight[K,N] + bias, the weight quantized symmetrically in groups
-// of 32 along k (w = q * scale, one fp16 scale per group and column, q in [-127, 127]), the activations
+// q8_matmul_forward: out[M,N] (+)= inp[M,K] @ weight[K,N] + bias, the weight (int8, or int4) quantized
+// symmetrically in groups of 32 along k (w = q * scale, one fp16 scale per group and column, q in [-127, 127]), the activations
 // quantized the same way per row on the fly (x = p * xs, one float scale per row and group). A group's
 // products sum exactly in int32, so each output element is
 //     acc = 0;  for g in 0..K/32-1:  acc = fma(float(sum_k p[k] q[k][n]), xs[g] * scale[g][n], acc)
@@ -17,6 +17,10 @@
 //            register load is 4 k of 16 (AVX-512) or 8 columns and the 4 matching activation bytes are one
 //            broadcast; a block streams front to back.
 //     scale  fp16 [ceil(N/64)][Kp/32][64]
+// int4 (q4) has the same scales and the same [64][4] rows, each byte holding two of them: per block, per pair of
+// quads (8 consecutive k), byte (n, k%4) is quad 2p's value + 8 in its low nibble and quad 2p+1's in its high
+// one, so one register load unpacks (an and, a shift) into two quads' worth of unsigned weights:
+//     q4     uint8 [ceil(N/64)][Kp/8][64][4]
 namespace qmatmul_detail {
 
 using R = Vec::reg;
@@ -31,7 +35,8 @@ constexpr int QUAD_BYTES = BLOCK * 4;  // one [64][4] row of a block
 // x * (127 / amax) rounded to nearest even the value, exactly as the numpy reference computes it. A NaN or inf
 // makes its group's scale NaN, so it reaches the output as it would in float32. Channels marked in `skip`
 // (the weight's outlier rows, multiplied separately) count as zero.
-// xc[m][g] = 128 * (sum of the group's quantized values): what VNNI's offset weights add to each sum.
+// xc[m][g] = the sum of the group's quantized values: offset weights (VNNI's int8 + 128, int4's + 8) add that
+// many times the offset to each integer sum.
 inline void quantize_rows(int8_t* xq, float* xs, int32_t* xc, const float* inp, const uint8_t* skip, int m0, int m1,
                           int K, int Kp, int ldi) {
   float v[GROUP];
@@ -60,7 +65,7 @@ inline void quantize_rows(int8_t* xq, float* xs, int32_t* xc, const float* inp, 
         sum += q[k0 + i];
       }
       for (int i = n; i < GROUP; ++i) q[k0 + i] = 0;
-      c[k0 / GROUP] = 128 * sum;
+      c[k0 / GROUP] = sum;
     }
   }
 }
@@ -84,35 +89,54 @@ struct QRows {
 };
 
 // ROWS rows of out against CV registers of columns of one block (columns c .. c + CV*L - 1 of the block,
-// n0 the first's index in out); float sums in registers across the groups, int32 sums per group.
-template <int ROWS, int CV>
+// n0 the first's index in out); float sums in registers across the groups, int32 sums per group. Q4: the
+// weights are int4 (see the layout above).
+template <int ROWS, int CV, bool Q4>
 inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const uint16_t* sblock, int c,
                     const float* bias, int n0, int ncols, bool accumulate) {
   R acc[ROWS][CV];
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = Vec::zero();
   const int Kp = x.Kp, groups = Kp / GROUP;
+  // What the weights' offset adds per unit of the activations' sum: int4 + 8, int8 + 128 with VNNI.
+  constexpr int32_t offset = Q4 ? 8 : QDot::offset ? 128 : 0;
   const int8_t* wq = wblock + c * 4;
   for (int g = 0; g < groups; ++g) {
     I sum[ROWS][CV];
     for (int i = 0; i < ROWS; ++i)
       for (int j = 0; j < CV; ++j) sum[i][j] = QDot::zero();
     const int8_t* xg = x.xq + g * GROUP;
-    for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES, xg += 4) {
-      I w[CV];
-      for (int j = 0; j < CV; ++j) w[j] = QDot::weights(QDot::load(wq + j * L * 4));
-      for (int i = 0; i < ROWS; ++i) {
-        const I xb = QDot::bcast(four_bytes(xg + static_cast<int64_t>(i) * Kp));
-        for (int j = 0; j < CV; ++j) sum[i][j] = QDot::dot(sum[i][j], xb, w[j]);
+    if constexpr (Q4) {
+      for (int q = 0; q < QUADS; q += 2, wq += QUAD_BYTES, xg += 8) {
+        I lo[CV], hi[CV];
+        for (int j = 0; j < CV; ++j) {
+          const I raw = QDot::load(wq + j * L * 4);
+          lo[j] = QDot::low_nibbles(raw);
+          hi[j] = QDot::high_nibbles(raw);
+        }
+        for (int i = 0; i < ROWS; ++i) {
+          const I x0 = QDot::bcast(four_bytes(xg + static_cast<int64_t>(i) * Kp));
+          const I x1 = QDot::bcast(four_bytes(xg + static_cast<int64_t>(i) * Kp + 4));
+          for (int j = 0; j < CV; ++j) sum[i][j] = QDot::dot_unsigned(QDot::dot_unsigned(sum[i][j], x0, lo[j]), x1, hi[j]);
+        }
+      }
+    } else {
+      for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES, xg += 4) {
+        I w[CV];
+        for (int j = 0; j < CV; ++j) w[j] = QDot::weights(QDot::load(wq + j * L * 4));
+        for (int i = 0; i < ROWS; ++i) {
+          const I xb = QDot::bcast(four_bytes(xg + static_cast<int64_t>(i) * Kp));
+          for (int j = 0; j < CV; ++j) sum[i][j] = QDot::dot(sum[i][j], xb, w[j]);
+        }
       }
     }
     R sw[CV];
     for (int j = 0; j < CV; ++j) sw[j] = Vec::load_f16(sblock + g * BLOCK + c + j * L);
     for (int i = 0; i < ROWS; ++i) {
       const R sx = Vec::set1(x.xs[i * groups + g]);
-      const I off = QDot::set1(x.xc[i * groups + g]);
+      const I off = QDot::set1(offset * x.xc[i * groups + g]);
       for (int j = 0; j < CV; ++j) {
-        const I d = QDot::offset ? QDot::sub(sum[i][j], off) : sum[i][j];
+        const I d = offset ? QDot::sub(sum[i][j], off) : sum[i][j];
         acc[i][j] = Vec::fma(QDot::to_float(d), Vec::mul(sx, sw[j]), acc[i][j]);
       }
     }
@@ -137,18 +161,18 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
 }
 
 // The last rows - m (fewer than ROWS) of a unit, one tile.
-template <int ROWS, int CV>
+template <int ROWS, int CV, bool Q4>
 inline void q8_tail(int rows, float* out, int ldo, QRows x, const int8_t* wb, const uint16_t* sb, int c,
                     const float* bias, int n0, int ncols, bool accumulate) {
   if constexpr (ROWS > 1) {
-    if (rows == ROWS - 1) return q8_tile<ROWS - 1, CV>(out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate);
-    return q8_tail<ROWS - 1, CV>(rows, out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate);
+    if (rows == ROWS - 1) return q8_tile<ROWS - 1, CV, Q4>(out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate);
+    return q8_tail<ROWS - 1, CV, Q4>(rows, out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate);
   }
 }
 
 // Rows m0..m1-1 against units u0..u1-1, a unit being CV registers of columns (a block holds 64 / (CV*L)),
 // ROWS rows per tile sharing each weight load.
-template <int ROWS, int CV>
+template <int ROWS, int CV, bool Q4>
 inline void q8_range(float* out, QRows x, const WeightView& w, const float* bias, int m0, int m1, int N, int ldo,
                      int u0, int u1, bool accumulate) {
   constexpr int UNIT = CV * L, UNITS_PER_BLOCK = BLOCK / UNIT;
@@ -159,13 +183,13 @@ inline void q8_range(float* out, QRows x, const WeightView& w, const float* bias
     const int b = u / UNITS_PER_BLOCK, c = (u % UNITS_PER_BLOCK) * UNIT, n0 = b * BLOCK + c;
     if (n0 >= N) break;
     const int ncols = N - n0 < UNIT ? N - n0 : UNIT;
-    const int8_t* wb = q + static_cast<int64_t>(b) * Kp * BLOCK;
+    const int8_t* wb = q + static_cast<int64_t>(b) * (Q4 ? Kp / 2 : Kp) * BLOCK;
     const uint16_t* sb = s + static_cast<int64_t>(b) * (Kp / GROUP) * BLOCK;
     int m = m0;
     for (; m + ROWS <= m1; m += ROWS)
-      q8_tile<ROWS, CV>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols, accumulate);
+      q8_tile<ROWS, CV, Q4>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols, accumulate);
     if (m < m1)
-      q8_tail<ROWS, CV>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
+      q8_tail<ROWS, CV, Q4>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
                         accumulate);
   }
 }
@@ -178,7 +202,7 @@ constexpr int Q_CV = 4;
 constexpr int Q_ROWS_GEMM = L == 16 ? 6 : QDot::offset ? 3 : 2;
 constexpr int Q_CV_GEMM = 2;
 
-template <int ROWS, int CV>
+template <int ROWS, int CV, bool Q4>
 void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, const WeightView& w, const float* bias,
                  int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
   constexpr int UNIT = CV * L;
@@ -200,7 +224,7 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
       const int u_end = (g + 1) * units < k1 ? units : k1 - g * units;
       const int m0 = static_cast<int>(static_cast<int64_t>(M) * g / mgroups);
       const int m1 = static_cast<int>(static_cast<int64_t>(M) * (g + 1) / mgroups);
-      q8_range<ROWS, CV>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
+      q8_range<ROWS, CV, Q4>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
       task += u_end - u;
     }
   }
@@ -225,8 +249,15 @@ void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* 
     for (int j = 0; j < w.n_outlier_rows; ++j) skip[w.outlier_rows[j]] = 1;
   }
   const bool parallel = static_cast<int64_t>(M) * K * N > 32768;
-  if (M <= 2)
-    q8_parallel<1, Q_CV>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
-  else
-    q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+  if (w.dtype == DType::q4) {
+    if (M <= 2)
+      q8_parallel<1, Q_CV, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    else
+      q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+  } else {
+    if (M <= 2)
+      q8_parallel<1, Q_CV, false>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    else
+      q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, false>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+  }
 }

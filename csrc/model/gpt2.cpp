@@ -33,6 +33,8 @@ void embedding_row(float* out, const WeightView& wte, int32_t token, int C, int 
       for (int j = 0; j < C; ++j) out[j] = bf16_to_f32(p[j]);
       break;
     }
+    case DType::q4:
+      throw std::invalid_argument("an int4 token embedding is not supported");  // refused at load already
     case DType::q8: {
       const int Kp = (C + kQuantGroup - 1) / kQuantGroup * kQuantGroup, col = token % kBlockCols;
       const int8_t* q = static_cast<const int8_t*>(wte.data) + static_cast<int64_t>(token / kBlockCols) * Kp * kBlockCols;

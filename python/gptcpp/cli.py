@@ -7,6 +7,8 @@ import os
 import sys
 from dataclasses import asdict
 
+from .quantize import DTYPES
+
 DEFAULT_MODEL = "gpt2"
 
 
@@ -29,7 +31,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a local checkpoint directory, a bundled model name, or a Hugging Face hub id "
                         f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None,
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weight format (default: fp32, or what a quantized checkpoint stores)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
 
@@ -174,7 +176,7 @@ def cmd_score(args) -> int:
 def _add_info(sub):
     p = sub.add_parser("info", help="model config, weight format, instruction set, threads, bundled models")
     p.add_argument("--model", default=None, help="a model to describe (default: only the machine and the package)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_info)
 
@@ -202,7 +204,7 @@ def _add_quantize(sub):
     p = sub.add_parser("quantize", help="write a checkpoint in a smaller weight format that loads without conversion")
     p.add_argument("src", help="checkpoint directory, bundled name or hub id")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--dtype", required=True, choices=["fp16", "bf16", "int8"])
+    p.add_argument("--dtype", required=True, choices=[d for d in DTYPES if d != "fp32"])
     p.set_defaults(func=cmd_quantize)
 
 

@@ -18,7 +18,7 @@ BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "bundled")
 
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
 # Only in checkpoints written by gptcpp.quantize (bf16 bits are stored as U16 there).
-_RAW_DTYPES = {**_DTYPES, "I8": (np.int8, 1), "U16": (np.uint16, 2), "I32": (np.int32, 4)}
+_RAW_DTYPES = {**_DTYPES, "I8": (np.int8, 1), "U8": (np.uint8, 1), "U16": (np.uint16, 2), "I32": (np.int32, 4)}
 # Buffers some GPT-2 checkpoints carry that are not weights.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 

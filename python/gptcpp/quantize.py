@@ -1,4 +1,4 @@
-"""Weight formats smaller than float32: fp16, bf16 and int8, converted at load or written to a checkpoint.
+"""Weight formats smaller than float32: fp16, bf16, int8 and int4, converted at load or written to a checkpoint.
 
 Only the large matrices change format: the token embedding (which is also the tied LM head), and each
 block's c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj weights. Layer norms, biases and the position
@@ -16,13 +16,15 @@ embedding stay float32. The kernels widen the stored values to float32 exactly, 
   weight rows are stored in fp16 and multiplied in float32 (measured on the outlier test model: RMS logit
   error 1.8% without this, see the README for the figure with it). The token embedding is the LM head's
   weight too, so it is stored transposed, [n_embd, vocab], in the matrix kernels' layout, and an embedding
-  lookup gathers a token's column from it."""
+  lookup gathers a token's column from it.
+- int4: the blocks' matrices as int8 but with 4-bit values (q in [-7, 7], scale max|w| / 7 per group of 32),
+  two per byte: 0.5625 bytes per weight; the token embedding / LM head stays int8 (its 38.6M weights in
+  gpt2 are a third of the model, and the logits are what sampling reads)."""
 from __future__ import annotations
 
 import numpy as np
 
-DTYPES = ("fp32", "fp16", "bf16", "int8")
-BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
 _MATRIX_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -66,12 +68,14 @@ def residual_outlier_channels(wte: np.ndarray) -> np.ndarray:
     return np.sort(big).astype(np.int32)
 
 
-def quantize_int8(name: str, w: np.ndarray, outlier_rows=None) -> dict[str, np.ndarray]:
+def quantize_int8(name: str, w: np.ndarray, outlier_rows=None, bits: int = 8) -> dict[str, np.ndarray]:
     """[K, N] float32 -> {name: q int8 [ceil(N/64), Kp/4, 64, 4], name.scale: fp16 [ceil(N/64), Kp/32, 64]}
     with Kp = K rounded up to 32, zero-padded: the layout of csrc/kernels/qmatmul.inl (each run of 4 consecutive
     k of one column is 4 adjacent bytes, so one register load holds 4 k of 16 or 8 columns). outlier_rows
     (increasing channel indices) are zeroed there and kept as name.outlier_rows (int32) and
-    name.outlier_weights (fp16 [n, N]), multiplied in float32 by the kernel."""
+    name.outlier_weights (fp16 [n, N]), multiplied in float32 by the kernel.
+    bits=4: values in [-7, 7] with scale max|w| / 7, stored + 8, two per byte: uint8 [ceil(N/64), Kp/8, 64, 4],
+    byte (n, k%4) of quad pair p holding quad 2p in its low nibble and quad 2p+1 in its high one."""
     K, N = w.shape
     Kp, nb = -(-K // GROUP) * GROUP, -(-N // BLOCK_COLS)
     padded = np.zeros((Kp, nb * BLOCK_COLS), dtype=np.float32)
@@ -82,23 +86,30 @@ def quantize_int8(name: str, w: np.ndarray, outlier_rows=None) -> dict[str, np.n
         out[name + ".outlier_rows"] = rows
         out[name + ".outlier_weights"] = np.ascontiguousarray(_to_fp16(name, w[rows]))
         padded[rows] = 0.0
+    qmax = 127 if bits == 8 else 7
     groups = padded.reshape(Kp // GROUP, GROUP, nb * BLOCK_COLS)
     amax = np.abs(groups).max(axis=1)
-    if not np.isfinite(amax).all() or amax.max(initial=0.0) / 127.0 > 65504:
-        raise ValueError(f"tensor {name!r} has values beyond int8 with float16 scales (up to {amax.max():g})")
-    scale = (amax / np.float32(127.0)).astype(np.float16)
+    if not np.isfinite(amax).all() or amax.max(initial=0.0) / qmax > 65504:
+        raise ValueError(f"tensor {name!r} has values beyond int{bits} with float16 scales (up to {amax.max():g})")
+    scale = (amax / np.float32(qmax)).astype(np.float16)
     s32 = scale.astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s32[:, None, :] > 0, np.rint(groups / s32[:, None, :]), 0.0)
-    q = q.clip(-127, 127).astype(np.int8).reshape(Kp // 4, 4, nb, BLOCK_COLS)
-    out[name] = np.ascontiguousarray(q.transpose(2, 0, 3, 1))
+    q = q.clip(-qmax, qmax).astype(np.int8).reshape(Kp // 4, 4, nb, BLOCK_COLS).transpose(2, 0, 3, 1)
+    if bits == 4:
+        pairs = (q + 8).astype(np.uint8).reshape(nb, Kp // 8, 2, BLOCK_COLS, 4)
+        q = pairs[:, :, 0] | (pairs[:, :, 1] << np.uint8(4))
+    out[name] = np.ascontiguousarray(q)
     out[name + ".scale"] = np.ascontiguousarray(scale.reshape(Kp // GROUP, nb, BLOCK_COLS).transpose(1, 0, 2))
     return out
 
 
 def dequantize_int8(tensors: dict, name: str, K: int, N: int) -> np.ndarray:
-    """The [K, N] float32 matrix that quantize_int8's tensors stand for."""
+    """The [K, N] float32 matrix that quantize_int8's tensors (int8 or int4) stand for."""
     q, scales = tensors[name], tensors[name + ".scale"]
+    if q.dtype == np.uint8:  # int4: unpack the nibble pairs into int8 quads
+        nb, kp8 = q.shape[:2]
+        q = (np.stack([q & np.uint8(15), q >> np.uint8(4)], axis=2).astype(np.int8) - 8).reshape(nb, kp8 * 2, 64, 4)
     nb, kq = q.shape[:2]
     w = q.transpose(1, 3, 0, 2).reshape(kq * 4, nb * BLOCK_COLS).astype(np.float32)
     s = scales.astype(np.float32).transpose(1, 0, 2).reshape(kq * 4 // GROUP, 1, nb * BLOCK_COLS)
@@ -130,16 +141,17 @@ def convert_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.
     if dtype == "fp32":
         return tensors
     out = {}
-    outliers = residual_outlier_channels(tensors["wte.weight"]) if dtype == "int8" else None
+    outliers = residual_outlier_channels(tensors["wte.weight"]) if dtype in ("int8", "int4") else None
     for name, t in tensors.items():
         if not is_matrix(name):
             out[name] = t
-        elif dtype == "int8":
-            # The embedding / LM head [vocab, n_embd] goes in transposed: [n_embd, vocab], like a Conv1D weight.
-            # It and the two matrices that read a layer-normed residual stream keep its outlier channels apart.
+        elif dtype in ("int8", "int4"):
+            # The embedding / LM head [vocab, n_embd] goes in transposed: [n_embd, vocab], like a Conv1D weight,
+            # and stays int8 in the int4 format. It and the two matrices that read a layer-normed residual stream
+            # keep its outlier channels apart.
             table = name in ("wte.weight", "lm_head.weight")
             rows = outliers if table or name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")) else None
-            out.update(quantize_int8(name, t.T if table else t, rows))
+            out.update(quantize_int8(name, t.T if table else t, rows, 4 if dtype == "int4" and not table else 8))
         elif name in ("wte.weight", "lm_head.weight"):
             # [vocab, n_embd] rows are read whole by the LM head: row-major suits it.
             out[name] = to_bf16(t) if dtype == "bf16" else _to_fp16(name, t)
@@ -161,14 +173,16 @@ def stored_shapes(cfg, dtype: str) -> dict:
     from .loading import expected_shapes
     if dtype not in DTYPES or dtype == "fp32":
         raise ValueError(f"unknown gptcpp.dtype {dtype!r} in the checkpoint's metadata")
-    narrow = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}[dtype]
+    narrow = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8, "int4": np.uint8}[dtype]
     table = np.uint16 if dtype == "bf16" else np.float16
     out = {}
     for name, shape in expected_shapes(cfg).items():
-        if is_matrix(name) and dtype == "int8":
-            K, N = shape[::-1] if name in ("wte.weight", "lm_head.weight") else shape
+        if is_matrix(name) and dtype in ("int8", "int4"):
+            table = name in ("wte.weight", "lm_head.weight")
+            K, N = shape[::-1] if table else shape
             nb, Kp = -(-N // BLOCK_COLS), -(-K // GROUP) * GROUP
-            out[name] = ((nb, Kp // 4, BLOCK_COLS, 4), np.int8)
+            int4 = dtype == "int4" and not table
+            out[name] = ((nb, Kp // (8 if int4 else 4), BLOCK_COLS, 4), np.uint8 if int4 else np.int8)
             out[name + ".scale"] = ((nb, Kp // GROUP, BLOCK_COLS), np.float16)
             out[name + ".outlier_rows"] = ((None,), np.int32)
             out[name + ".outlier_weights"] = ((None, N), np.float16)

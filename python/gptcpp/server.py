@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .generation import TextStream, sampling_dict, validate_options
+from .quantize import DTYPES
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -426,7 +427,7 @@ def create_app(model, model_name: str, max_batch=16, max_queue=64, max_tokens_ca
 def add_parser(sub):
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (pip install '.[server]')")
     p.add_argument("--model", default="gpt2")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
