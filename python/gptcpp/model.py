@@ -38,7 +38,7 @@ class GPT2:
         """A local directory, a bundled model name (see gptcpp.bundled_models()), or a Hugging Face hub id.
 
         dtype: the format of the large weight matrices, "fp32" (an F32 file is used in place), "fp16",
-        "bf16" or "int8" (converted at load; see gptcpp.quantize). None (the default) means fp32 for a
+        "bf16", "int8" or "int4" (converted at load; see gptcpp.quantize). None (the default) means fp32 for a
         Hugging Face checkpoint and the stored format for one written by `gptcpp quantize`, which loads
         without conversion; asking such a checkpoint for another format is an error.
         prefix_cache_tokens: keep the KV cache of recent prompts, up to this many tokens in all (least
