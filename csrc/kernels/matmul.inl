@@ -426,16 +426,8 @@ void matmul_forward(float* out, const float* inp, WeightView w, const float* bia
     case DType::bf16:
       return matmul_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, bias, M, K, N, ldi, ldo, ldw, accumulate);
     case DType::q8:
-    case DType::q4: {
-      q8_matmul_forward(out, inp, w, bias, M, K, N, ldi, ldo, accumulate);
-      if (w.n_outlier_rows == 0) return;
-      // The outlier channels' part, in float32 over their fp16 rows, added to what the int8 product wrote.
-      const int n = w.n_outlier_rows;
-      float* x = scratch_floats(static_cast<int64_t>(M) * n, 2);
-      for (int m = 0; m < M; ++m)
-        for (int j = 0; j < n; ++j) x[m * n + j] = inp[static_cast<int64_t>(m) * ldi + w.outlier_rows[j]];
-      return matmul_impl<F16W>(out, x, w.outlier_weights, false, nullptr, M, n, N, n, ldo, N, true);
-    }
+    case DType::q4:
+      return q8_matmul_forward(out, inp, w, bias, M, K, N, ldi, ldo, accumulate);
   }
 }
 

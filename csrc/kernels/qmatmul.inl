@@ -6,8 +6,8 @@
 // quantized the same way per row on the fly (x = p * xs, one float scale per row and group). A group's
 // products sum exactly in int32, so each output element is
 //     acc = 0;  for g in 0..K/32-1:  acc = fma(float(sum_k p[k] q[k][n]), xs[g] * scale[g][n], acc)
-// then + bias, then + out, then (where the weight has outlier rows, see kernels.h) + the float32 product of
-// those channels, a fixed fma chain of its own: the same operations whatever the tile, thread count, batch or instruction set
+// then (where the weight has outlier rows, see kernels.h) + the float32 products of those channels, one fma
+// each in channel order, then + bias, then + out: the same operations whatever the tile, thread count, batch or instruction set
 // (the integer part is exact, the float part runs in one order), so a row's result never depends on what it
 // is batched with, and every x86 level gives the same bits (generic differs only where its fma rounds twice).
 //
@@ -36,12 +36,13 @@ constexpr int QUAD_BYTES = BLOCK * 4;  // one [64][4] row of a block
 // makes its group's scale NaN, so it reaches the output as it would in float32. Channels marked in `skip`
 // (the weight's outlier rows, multiplied separately) count as zero.
 // xc[m][g] = the sum of the group's quantized values: offset weights (VNNI's int8 + 128, int4's + 8) add that
-// many times the offset to each integer sum.
-inline void quantize_rows(int8_t* xq, float* xs, int32_t* xc, const float* inp, const uint8_t* skip, int m0, int m1,
-                          int K, int Kp, int ldi) {
+// many times the offset to each integer sum. xo[m] gathers the outlier channels' values.
+inline void quantize_rows(int8_t* xq, float* xs, int32_t* xc, float* xo, const float* inp, const uint8_t* skip,
+                          const int32_t* outlier_rows, int n_out, int m0, int m1, int K, int Kp, int ldi) {
   float v[GROUP];
   for (int m = m0; m < m1; ++m) {
     const float* x = inp + static_cast<int64_t>(m) * ldi;
+    for (int j = 0; j < n_out; ++j) xo[static_cast<int64_t>(m) * n_out + j] = x[outlier_rows[j]];
     int8_t* q = xq + static_cast<int64_t>(m) * Kp;
     float* s = xs + static_cast<int64_t>(m) * (Kp / GROUP);
     int32_t* c = xc + static_cast<int64_t>(m) * (Kp / GROUP);
@@ -76,15 +77,19 @@ inline int32_t four_bytes(const int8_t* p) {
   return v;
 }
 
-// Where a tile's rows find their quantized activations.
+// Where a tile's rows find their quantized activations, and the weight's outlier channels (kernels.h) their
+// float32 activations and fp16 weight rows.
 struct QRows {
   const int8_t* xq;   // [rows][Kp]
   const float* xs;    // [rows][Kp/32]
   const int32_t* xc;  // [rows][Kp/32]
   int Kp;
+  const float* xo;        // [rows][n_out]: the activations of the outlier channels
+  const uint16_t* wo;     // [n_out][N]: their weight rows
+  int n_out, N;
   QRows from(int m) const {
     const int64_t g = static_cast<int64_t>(m) * (Kp / GROUP);
-    return {xq + static_cast<int64_t>(m) * Kp, xs + g, xc + g, Kp};
+    return {xq + static_cast<int64_t>(m) * Kp, xs + g, xc + g, Kp, xo + static_cast<int64_t>(m) * n_out, wo, n_out, N};
   }
 };
 
@@ -141,12 +146,17 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
       }
     }
   }
+  // Epilogue: + the outlier channels' float32 products (in channel order), + bias, + out.
   for (int i = 0; i < ROWS; ++i) {
     float* o = out + static_cast<int64_t>(i) * ldo + n0;
     for (int j = 0; j < CV; ++j) {
       const int rem = ncols - j * L;
       if (rem <= 0) break;
       R r = acc[i][j];
+      for (int e = 0; e < x.n_out; ++e) {
+        const uint16_t* wr = x.wo + static_cast<int64_t>(e) * x.N + n0 + j * L;
+        r = Vec::fma(Vec::set1(x.xo[i * x.n_out + e]), rem >= L ? Vec::load_f16(wr) : Vec::load_f16_partial(wr, rem), r);
+      }
       if (rem >= L) {
         if (bias) r = Vec::add(r, Vec::load(bias + n0 + j * L));
         if (accumulate) r = Vec::add(Vec::load(o + j * L), r);
@@ -210,8 +220,8 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
 #pragma omp parallel if (parallel)
   {
     const int nt = thread_count(), t = thread_index();
-    quantize_rows(const_cast<int8_t*>(x.xq), const_cast<float*>(x.xs), const_cast<int32_t*>(x.xc), inp, skip,
-                  static_cast<int>(static_cast<int64_t>(M) * t / nt),
+    quantize_rows(const_cast<int8_t*>(x.xq), const_cast<float*>(x.xs), const_cast<int32_t*>(x.xc),
+                  const_cast<float*>(x.xo), inp, skip, w.outlier_rows, x.n_out, static_cast<int>(static_cast<int64_t>(M) * t / nt),
                   static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt), K, x.Kp, ldi);
 #pragma omp barrier
     // Contiguous column units per thread; rows split too when there are too few units for the team.
@@ -237,14 +247,16 @@ void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* 
   using namespace qmatmul_detail;
   const int Kp = (K + GROUP - 1) / GROUP * GROUP;
   // Quantized activations in the calling thread's buffer, shared with the team: M*Kp bytes, the scales, the
-  // offset corrections, and a byte per channel marking the weight's outlier rows.
+  // offset corrections, the outlier channels' values, and a byte per channel marking them.
   const int64_t xq_floats = (static_cast<int64_t>(M) * Kp + 3) / 4, per_group = static_cast<int64_t>(M) * (Kp / GROUP);
-  float* buf = scratch_floats(xq_floats + 2 * per_group + (K + 3) / 4, 2);
+  const int n_out = w.n_outlier_rows;
+  const int64_t xo_floats = static_cast<int64_t>(M) * n_out;
+  float* buf = scratch_floats(xq_floats + 2 * per_group + xo_floats + (K + 3) / 4, 2);
   const QRows x{reinterpret_cast<int8_t*>(buf), buf + xq_floats, reinterpret_cast<int32_t*>(buf + xq_floats + per_group),
-                Kp};
+                Kp, buf + xq_floats + 2 * per_group, w.outlier_weights, n_out, N};
   uint8_t* skip = nullptr;
-  if (w.n_outlier_rows > 0) {
-    skip = reinterpret_cast<uint8_t*>(buf + xq_floats + 2 * per_group);
+  if (n_out > 0) {
+    skip = reinterpret_cast<uint8_t*>(buf + xq_floats + 2 * per_group + xo_floats);
     std::memset(skip, 0, K);
     for (int j = 0; j < w.n_outlier_rows; ++j) skip[w.outlier_rows[j]] = 1;
   }
