@@ -28,6 +28,28 @@ def test_bench_quick(tmp_path):
     assert "contender" in r.stdout
 
 
+def test_bench_peers_quick_runs_whatever_is_installed(tmp_path):
+    """--peers runs each installed peer on the same weights and names each missing one in a line, without failing
+    (here: transformers and CTranslate2 when installed; OpenVINO GenAI exported and run when installed)."""
+    model = save(random_gpt2(seed=2, vocab_size=300, n_embd=32, n_layer=2, n_head=2), tmp_path / "m")
+    out = tmp_path / "bench.json"
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(gptcpp.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "gptcpp", "bench", "--model", model, "--quick", "--peers",
+                        "--openvino", "fp32", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())["results"]
+    assert results["transformers fp32"]["tg_tok_s"] > 0  # torch and transformers are test requirements
+    for module, label, name in (("ctranslate2", "CTranslate2", "ctranslate2 fp32"),
+                                ("openvino_genai", "OpenVINOGenAI", "openvino fp32")):
+        try:
+            __import__(module)
+        except ImportError:
+            assert f"{label}: not installed, skipped" in r.stdout and name not in results
+        else:  # it ran, or said why it could not (CTranslate2 wants the vocabulary files this model lacks)
+            assert (name in results and results[name]["batch_tok_s"] > 0) or f"{label}: skipped (" in r.stdout, r.stdout
+
+
 def test_bench_speculative_quick(tmp_path):
     model = save(random_gpt2(seed=2, vocab_size=300, n_positions=640, n_embd=32, n_layer=2, n_head=2), tmp_path / "m")
     out = tmp_path / "spec.json"

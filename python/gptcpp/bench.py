@@ -34,8 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=list(SHAPES), default="gpt2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="runs of each contender, best kept")
-    p.add_argument("--dtypes", default="fp32", help="comma-separated gptcpp weight formats (fp32,fp16,bf16,int8)")
-    p.add_argument("--peers", action="store_true", help="also run transformers and CTranslate2 when installed")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated gptcpp weight formats (fp32,fp16,bf16,int8,int4)")
+    p.add_argument("--peers", action="store_true",
+                   help="also run transformers, CTranslate2 and OpenVINO GenAI where installed")
+    p.add_argument("--openvino", default="fp32,fp32:f32,int8,int4",
+                   help="with --peers: OpenVINO GenAI weight formats to export and run (fp32, fp16, int8, int4); "
+                        "FORMAT:f32 forces float32 compute (by default OpenVINO computes in bf16 where the CPU has "
+                        "AVX512-BF16)")
     p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench binary (with --gguf)")
     p.add_argument("--gguf", default=None,
                    help="comma-separated GGUF copies of the same weights for llama-bench (F32, F16, Q8_0, ...)")
@@ -250,6 +255,47 @@ class CTranslate2:
         return time.perf_counter() - t0
 
 
+class OpenVINOGenAI:
+    """OpenVINO GenAI's native pipeline on an `optimum-cli export openvino` copy of the same weights (made once,
+    next to the checkpoint). Its prefix cache is turned off, as gptcpp's is by default, so that repeating the same
+    prompt measures prefill again; `hint` "f32" sets INFERENCE_PRECISION_HINT (otherwise bf16 compute on CPUs
+    with AVX512-BF16)."""
+
+    def __init__(self, path, threads, weight_format="fp32", hint=None):
+        import openvino as ov
+        import openvino_genai as og
+        out = f"{path.rstrip('/')}-ov-{weight_format}"
+        if not os.path.isfile(os.path.join(out, "openvino_model.xml")):
+            r = subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model",
+                                path, "--task", "text-generation-with-past", "--weight-format", weight_format, out],
+                               capture_output=True, text=True, timeout=3600)
+            if r.returncode:
+                raise RuntimeError(f"optimum-cli export failed: {r.stderr.strip()[-300:]}")
+        scheduler = og.SchedulerConfig()
+        scheduler.enable_prefix_caching = False
+        props = {"INFERENCE_NUM_THREADS": threads}
+        if hint:
+            props["INFERENCE_PRECISION_HINT"] = hint
+        self.ov, self.og = ov, og
+        self.pipe = og.LLMPipeline(out, "CPU", scheduler_config=scheduler, **props)
+        self.name = f"openvino {weight_format}" + (f" {hint}-compute" if hint else "")
+
+    def _run(self, prompts, n):
+        ids = np.asarray(prompts, dtype=np.int64)
+        cfg = self.og.GenerationConfig()
+        cfg.max_new_tokens, cfg.min_new_tokens, cfg.ignore_eos, cfg.do_sample = n, n, True, False
+        inputs = self.og.TokenizedInputs(self.ov.Tensor(ids), self.ov.Tensor(np.ones_like(ids)))
+        t0 = time.perf_counter()
+        self.pipe.generate(inputs, cfg)
+        return time.perf_counter() - t0
+
+    def prefill(self, ids):
+        return self._run([ids], 1)
+
+    def decode(self, prompts, n):
+        return self._run(prompts, n)
+
+
 def _cfg(path):
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
@@ -359,13 +405,22 @@ def run(args) -> int:
 
     contenders = [Gptcpp(path, args.threads, d.strip()) for d in args.dtypes.split(",")]
     if args.peers:
-        for cls in (Transformers, CTranslate2):
+        makers = [(cls.__name__, lambda cls=cls: cls(path, args.threads)) for cls in (Transformers, CTranslate2)]
+        try:
+            import openvino_genai  # noqa: F401
+            for item in (x.strip() for x in args.openvino.split(",") if x.strip()):
+                fmt, _, hint = item.partition(":")
+                makers.append((f"OpenVINOGenAI {item}",
+                               lambda f=fmt, h=hint: OpenVINOGenAI(path, args.threads, f, h or None)))
+        except ImportError:
+            print("OpenVINOGenAI: not installed, skipped")
+        for name, make in makers:
             try:
-                contenders.append(cls(path, args.threads))
+                contenders.append(make())
             except ImportError:
-                print(f"{cls.__name__}: not installed, skipped")
+                print(f"{name}: not installed, skipped")
             except Exception as e:  # a peer that cannot run here must not end the run
-                print(f"{cls.__name__}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                print(f"{name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     if args.peers and args.llama_bench and args.gguf:
         for g in args.gguf.split(","):
             try:
