@@ -119,8 +119,15 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
 #endif
   const KernelTable& K = kernels();
 
-  std::vector<float> x(static_cast<size_t>(M) * C), ln(static_cast<size_t>(M) * C), qkv(static_cast<size_t>(M) * 3 * C),
-      att(static_cast<size_t>(M) * C), fc(static_cast<size_t>(M) * I);
+  // Activations in per-thread buffers that only grow: a decoding step allocates (and the OS zeroes) nothing.
+  // Every element a step reads is written by that step first. The names below are references bound here, in
+  // the calling thread, so that the parallel regions use its buffers, not each worker's own thread_local copy.
+  thread_local std::vector<float> buffers[5];
+  std::vector<float>&x = buffers[0], &ln = buffers[1], &qkv = buffers[2], &att = buffers[3], &fc = buffers[4];
+  const int64_t batch_rows = M;
+  for (auto [buf, n] : {std::pair<std::vector<float>*, int64_t>{&x, batch_rows * C}, {&ln, batch_rows * C},
+                        {&qkv, batch_rows * 3 * C}, {&att, batch_rows * C}, {&fc, batch_rows * I}})
+    if (static_cast<int64_t>(buf->size()) < n) buf->resize(n);
   // Row r of the batch belongs to item row_item[r] at position row_pos[r].
   std::vector<int> item_row0(items.size());
   {
