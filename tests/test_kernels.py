@@ -383,6 +383,10 @@ def test_attention_rows_incremental_equal_full(isa, hd):
         assert np.array_equal(one[0], full[t]), f"row {t}"
     part = K_.attention(isa, np.ascontiguousarray(q[20:]), k, v, 20, 1 / math.sqrt(hd))
     assert np.array_equal(part, full[20:])
+    # a few rows at once (speculative verification: the decoding step's own loops, not the packed GEMM)
+    few = K_.attention(isa, np.ascontiguousarray(q[30:35]), np.ascontiguousarray(k[:35]), np.ascontiguousarray(v[:35]),
+                       30, 1 / math.sqrt(hd))
+    assert np.array_equal(few, full[30:35])
 
 
 def test_attention_rejects_wrong_key_count(isa):

@@ -9,13 +9,57 @@
 
 constexpr int ROW_CHUNK = 64;
 
+// The two products for the few rows of a decoding step (T below the matmul's packing threshold), with the sums
+// in registers instead of the streaming matmul's buffer: dst[t][j] = sum over k of a[t][k] * b[k][j], b's rows
+// ldb apart, as one fma chain over k = 0..K-1 from zero per element, which is exactly what matmul_forward
+// computes for these shapes, so decoding one token or verifying several gives the bits a prompt chunk does.
+inline void few_rows_product(float* dst, int ldd, const float* a, int lda, const float* b, int ldb, int T, int K,
+                             int N) {
+  using R = Vec::reg;
+  constexpr int W = Vec::width, NV = 4;
+  for (int t = 0; t < T; ++t) {
+    const float* at = a + static_cast<int64_t>(t) * lda;
+    float* d = dst + static_cast<int64_t>(t) * ldd;
+    for (int j0 = 0; j0 < N; j0 += NV * W) {
+      const int width = N - j0 < NV * W ? N - j0 : NV * W;
+      R acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
+      if (width == NV * W) {
+        for (int k = 0; k < K; ++k) {
+          const R x = Vec::set1(at[k]);
+          const float* bk = b + static_cast<int64_t>(k) * ldb + j0;
+          for (int v = 0; v < NV; ++v) acc[v] = Vec::fma(x, Vec::load(bk + v * W), acc[v]);
+        }
+      } else {
+        for (int k = 0; k < K; ++k) {
+          const R x = Vec::set1(at[k]);
+          const float* bk = b + static_cast<int64_t>(k) * ldb + j0;
+          for (int v = 0; v * W < width; ++v) {
+            const int rem = width - v * W;
+            acc[v] = Vec::fma(x, rem >= W ? Vec::load(bk + v * W) : Vec::load_partial(bk + v * W, rem), acc[v]);
+          }
+        }
+      }
+      for (int v = 0; v * W < width; ++v) {
+        const int rem = width - v * W;
+        if (rem >= W) Vec::store(d + j0 + v * W, acc[v]);
+        else Vec::store_partial(d + j0 + v * W, acc[v], rem);
+      }
+    }
+  }
+}
+
 void attention_rows(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
                     int ld_q, int ld_out, int ld_k, float scale) {
   using R = Vec::reg;
   constexpr int W = Vec::width;
   const int n_keys = pos0 + T;
   float* S = scratch_floats(static_cast<int64_t>(T) * n_keys, 1);
-  matmul_detail::matmul_impl<matmul_detail::F32W>(S, q, kt, false, nullptr, T, hd, n_keys, ld_q, n_keys, ld_k, false);
+  const bool few = T < matmul_detail::PACK_MIN_M;
+  if (few)
+    few_rows_product(S, n_keys, q, ld_q, kt, ld_k, T, hd, n_keys);
+  else
+    matmul_detail::matmul_impl<matmul_detail::F32W>(S, q, kt, false, nullptr, T, hd, n_keys, ld_q, n_keys, ld_k, false);
   const R vscale = Vec::set1(scale);
   for (int t = 0; t < T; ++t) {
     float* s = S + static_cast<int64_t>(t) * n_keys;
@@ -60,7 +104,10 @@ void attention_rows(float* out, const float* q, const float* kt, const float* v,
     for (; j < valid; ++j) s[j] *= 1.0f / sum;
     for (j = valid; j < n_keys; ++j) s[j] = 0.0f;
   }
-  matmul_detail::matmul_impl<matmul_detail::F32W>(out, S, v, false, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
+  if (few)
+    few_rows_product(out, ld_out, S, n_keys, v, hd, T, n_keys, hd);
+  else
+    matmul_detail::matmul_impl<matmul_detail::F32W>(out, S, v, false, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
 }
 
 void attention_forward(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
