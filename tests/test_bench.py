@@ -13,13 +13,14 @@ def test_bench_quick(tmp_path):
     out = tmp_path / "bench.json"
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(gptcpp.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "gptcpp", "bench", "--model", model, "--quick", "--dtypes", "fp32,int8",
-                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "gptcpp", "bench", "--model", model, "--quick", "--dtypes",
+                        "fp32,int8,fp32-blocked", "--json", str(out)], capture_output=True, text=True, env=env,
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert data["limits"]["read_bandwidth_gb_s"] > 0
     assert all(v > 0 for k, v in data["limits"]["numpy_gemm_gflops"].items() if k != "blas")
-    for name in ("gptcpp fp32", "gptcpp int8"):
+    for name in ("gptcpp fp32", "gptcpp int8", "gptcpp fp32-blocked"):
         res = data["results"][name]
         for key in ("pp_tok_s", "tg_tok_s", "batch_tok_s", "decode_fraction_of_bandwidth", "prefill_fraction_of_gemm",
                     "load_s", "peak_rss_bytes", "python_overhead_fraction"):

@@ -34,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=list(SHAPES), default="gpt2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="runs of each contender, best kept")
-    p.add_argument("--dtypes", default="fp32", help="comma-separated gptcpp weight formats (fp32,fp16,bf16,int8,int4)")
+    p.add_argument("--dtypes", default="fp32",
+                   help="comma-separated gptcpp weight formats (fp32,fp16,bf16,int8,int4; fp32-blocked: fp32 in the "
+                        "kernels' layout, written once by gptcpp quantize --dtype fp32)")
     p.add_argument("--peers", action="store_true",
                    help="also run transformers, CTranslate2 and OpenVINO GenAI where installed")
     p.add_argument("--openvino", default="fp32,fp32:f32,int8,int4",
@@ -140,10 +142,20 @@ def load_and_rss(path: str, threads: int, dtype: str) -> tuple[float, int]:
 
 
 class Gptcpp:
+    """dtype: a weight format converted at load, or "fp32-blocked": the checkpoint written once by `gptcpp
+    quantize --dtype fp32` (same numbers, the kernels' blocked layout) next to it, loaded in place."""
+
     def __init__(self, path, threads, dtype):
         from .model import GPT2
         self.name = f"gptcpp {dtype}"
-        self.model = GPT2.from_pretrained(path, threads=threads, dtype=dtype)
+        self.path = path
+        if dtype == "fp32-blocked":
+            from .quantize import save_quantized
+            self.path = f"{path.rstrip('/')}-gptcpp-fp32"
+            if not os.path.isfile(os.path.join(self.path, "model.safetensors")):
+                save_quantized(path, self.path, "fp32")
+            dtype = None
+        self.model = GPT2.from_pretrained(self.path, threads=threads, dtype=dtype)
 
     def prefill(self, ids):
         from . import _core  # noqa: F401
@@ -455,8 +467,9 @@ def run(args) -> int:
                      decode_fraction_of_bandwidth=wbytes * r["tg_tok_s"] / bandwidth,
                      prefill_fraction_of_gemm=r["prefill_gflops"] / gemm_peak)
             r["python_overhead_fraction"] = c.step_overhead(short[0], args.new_tokens)
-            load, rss = load_and_rss(path, args.threads, c.model.dtype)
-            size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+            load, rss = load_and_rss(c.path, args.threads, c.model.dtype)
+            size = sum(os.path.getsize(os.path.join(c.path, f)) for f in os.listdir(c.path)
+                       if f.endswith(".safetensors"))
             r.update(load_s=load, peak_rss_bytes=rss, rss_over_file=rss / size)
         results[c.name] = r
     peers = {k: v for k, v in results.items() if not k.startswith("gptcpp")}

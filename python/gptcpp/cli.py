@@ -201,10 +201,11 @@ def cmd_info(args) -> int:
 
 # ---- quantize --------------------------------------------------------------------------------------------
 def _add_quantize(sub):
-    p = sub.add_parser("quantize", help="write a checkpoint in a smaller weight format that loads without conversion")
+    p = sub.add_parser("quantize", help="write a checkpoint in a smaller weight format (or fp32 in the kernels' layout) "
+                                        "that loads without conversion")
     p.add_argument("src", help="checkpoint directory, bundled name or hub id")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--dtype", required=True, choices=[d for d in DTYPES if d != "fp32"])
+    p.add_argument("--dtype", required=True, choices=list(DTYPES))
     p.set_defaults(func=cmd_quantize)
 
 

@@ -134,11 +134,13 @@ def from_blocked(b: np.ndarray, n: int) -> np.ndarray:
     return b.transpose(1, 0, 2).reshape(K, nb * BLOCK_COLS)[:, :n]
 
 
-def convert_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+def convert_tensors(tensors: dict[str, np.ndarray], dtype: str, blocked_fp32: bool = False) -> dict[str, np.ndarray]:
     """float32 tensors -> the same names in `dtype` (int8 adds '<name>.scale' tensors, and
-    '<name>.outlier_rows' / '<name>.outlier_weights' where a matrix has outlier channels)."""
+    '<name>.outlier_rows' / '<name>.outlier_weights' where a matrix has outlier channels). fp32 is returned as it
+    is, unless blocked_fp32: then the blocks' matrices go into the blocked layout (what `gptcpp quantize --dtype
+    fp32` writes: the same numbers, read in place by the kernels' direct path)."""
     check_dtype(dtype)
-    if dtype == "fp32":
+    if dtype == "fp32" and not blocked_fp32:
         return tensors
     out = {}
     outliers = residual_outlier_channels(tensors["wte.weight"]) if dtype in ("int8", "int4") else None
@@ -152,6 +154,8 @@ def convert_tensors(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.
             table = name in ("wte.weight", "lm_head.weight")
             rows = outliers if table or name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")) else None
             out.update(quantize_int8(name, t.T if table else t, rows, 4 if dtype == "int4" and not table else 8))
+        elif dtype == "fp32":
+            out[name] = t if name in ("wte.weight", "lm_head.weight") else to_blocked(t)
         elif name in ("wte.weight", "lm_head.weight"):
             # [vocab, n_embd] rows are read whole by the LM head: row-major suits it.
             out[name] = to_bf16(t) if dtype == "bf16" else _to_fp16(name, t)
@@ -171,10 +175,10 @@ def stored_shapes(cfg, dtype: str) -> dict:
     """name -> (shape, numpy dtype) of every tensor in a checkpoint written by save_quantized. Outlier tensors
     (OPTIONAL_SUFFIXES) may be absent, and their None dimension is the file's own outlier count."""
     from .loading import expected_shapes
-    if dtype not in DTYPES or dtype == "fp32":
+    if dtype not in DTYPES:
         raise ValueError(f"unknown gptcpp.dtype {dtype!r} in the checkpoint's metadata")
-    narrow = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8, "int4": np.uint8}[dtype]
-    table = np.uint16 if dtype == "bf16" else np.float16
+    narrow = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16, "int8": np.int8, "int4": np.uint8}[dtype]
+    table = {"fp32": np.float32, "bf16": np.uint16}.get(dtype, np.float16)
     out = {}
     for name, shape in expected_shapes(cfg).items():
         if is_matrix(name) and dtype in ("int8", "int4"):
@@ -199,7 +203,8 @@ def stored_shapes(cfg, dtype: str) -> dict:
 def save_quantized(src: str, dst: str, dtype: str) -> str:
     """Writes `src` (a checkpoint directory, bundled name or hub id) converted to `dtype` into directory
     `dst`: model.safetensors in the layout the kernels read (so loading needs no conversion), with
-    metadata gptcpp.dtype, plus config.json and the tokenizer files. Returns dst."""
+    metadata gptcpp.dtype, plus config.json and the tokenizer files. Returns dst. fp32 keeps every number and
+    only changes the layout (blocked matrices: faster prefill and batches than the checkpoint's own)."""
     import json
     import os
     import shutil
@@ -209,12 +214,10 @@ def save_quantized(src: str, dst: str, dtype: str) -> str:
     from .loading import load_checkpoint
 
     check_dtype(dtype)
-    if dtype == "fp32":
-        raise ValueError("quantize writes fp16, bf16 or int8; an fp32 checkpoint is the original")
     directory, cfg, tensors, metadata = load_checkpoint(src)
     if metadata.get("gptcpp.dtype"):
         raise ValueError(f"{src} is already a gptcpp {metadata['gptcpp.dtype']} checkpoint; quantize the original")
-    converted = convert_tensors(tensors, dtype)
+    converted = convert_tensors(tensors, dtype, blocked_fp32=True)
     os.makedirs(dst, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in converted.items()}, os.path.join(dst, "model.safetensors"),
               metadata={"format": "gptcpp", "gptcpp.dtype": dtype, "gptcpp.format_version": FORMAT_VERSION})
