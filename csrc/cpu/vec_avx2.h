@@ -61,6 +61,12 @@ struct Vec {
     s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
   }
+  // Stores lanes holding whole numbers in [-128, 127] as int8.
+  static inline void store_i8(int8_t* p, reg a) {
+    const __m256i i32 = _mm256_cvtps_epi32(a);
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(i16, i16));
+  }
 };
 
 // int8 dot products of the grouped int8 format (qmatmul.inl); see vec_avx512.h. 8 int32 lanes, one per column.

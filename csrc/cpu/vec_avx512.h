@@ -56,6 +56,10 @@ struct Vec {
     return _mm_cvtss_f32(s);
   }
   static inline float reduce_max(reg a) { return _mm512_reduce_max_ps(a); }
+  // Stores lanes holding whole numbers in [-128, 127] as int8.
+  static inline void store_i8(int8_t* p, reg a) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
+  }
 };
 
 // int8 dot products of the grouped int8 format (qmatmul.inl). An ireg holds 16 int32 lanes, one per output

@@ -54,6 +54,8 @@ struct Vec {
     return t0 + t1;
   }
   static inline float reduce_max(reg a) { float m = a.v[0]; for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m; return m; }
+  // Stores lanes holding whole numbers in [-128, 127] as int8.
+  static inline void store_i8(int8_t* p, reg a) { for (int i = 0; i < 8; ++i) p[i] = static_cast<int8_t>(a.v[i]); }
 };
 
 // int8 dot products of the grouped int8 format (qmatmul.inl); see vec_avx512.h. 8 int32 lanes, one per column;

@@ -33,13 +33,14 @@ constexpr int QUAD_BYTES = BLOCK * 4;  // one [64][4] row of a block
 
 // Rows m0..m1-1 of inp quantized into xq [M][Kp] (zero past K) and xs [M][Kp/32]. amax / 127 is the scale and
 // x * (127 / amax) rounded to nearest even the value, exactly as the numpy reference computes it. A NaN or inf
-// makes its group's scale NaN, so it reaches the output as it would in float32. Channels marked in `skip`
+// makes its group's scale NaN (and its values 0), so it reaches the output as it would in float32. Channels marked in `skip`
 // (the weight's outlier rows, multiplied separately) count as zero.
 // xc[m][g] = the sum of the group's quantized values: offset weights (VNNI's int8 + 128, int4's + 8) add that
 // many times the offset to each integer sum. xo[m] gathers the outlier channels' values.
 inline void quantize_rows(int8_t* xq, float* xs, int32_t* xc, float* xo, const float* inp, const uint8_t* skip,
                           const int32_t* outlier_rows, int n_out, int m0, int m1, int K, int Kp, int ldi) {
-  float v[GROUP];
+  alignas(64) float v[GROUP];
+  const R lo = Vec::set1(-127.0f), hi = Vec::set1(127.0f);
   for (int m = m0; m < m1; ++m) {
     const float* x = inp + static_cast<int64_t>(m) * ldi;
     for (int j = 0; j < n_out; ++j) xo[static_cast<int64_t>(m) * n_out + j] = x[outlier_rows[j]];
@@ -48,25 +49,34 @@ inline void quantize_rows(int8_t* xq, float* xs, int32_t* xc, float* xo, const f
     int32_t* c = xc + static_cast<int64_t>(m) * (Kp / GROUP);
     for (int k0 = 0; k0 < Kp; k0 += GROUP) {
       const int n = K - k0 < GROUP ? K - k0 : GROUP;
-      for (int i = 0; i < n; ++i) v[i] = skip && skip[k0 + i] ? 0.0f : x[k0 + i];
-      float amax = 0.0f;
-      bool finite = true;
-      for (int i = 0; i < n; ++i) {
-        const float a = std::fabs(v[i]);
-        finite = finite && a <= 3.4028235e38f;
-        amax = a > amax ? a : amax;
+      const float* g = x + k0;
+      if (skip || n < GROUP) {  // a copy with the skipped channels and the tail past K zeroed
+        for (int i = 0; i < GROUP; ++i) v[i] = i >= n || (skip && skip[k0 + i]) ? 0.0f : x[k0 + i];
+        g = v;
       }
-      const float id = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
+      // amax over the group (exact in any order); x * 0 is NaN exactly where x is NaN or infinite
+      R vmax = Vec::zero(), bad = Vec::zero();
+      for (int i = 0; i < GROUP; i += L) {
+        const R xv = Vec::load(g + i);
+        vmax = Vec::max(vmax, Vec::abs(xv));
+        bad = Vec::add(bad, Vec::mul(xv, Vec::zero()));
+      }
+      const float amax = Vec::reduce_max(vmax);
+      const bool finite = Vec::reduce_add(bad) == 0.0f;
       s[k0 / GROUP] = finite ? amax / 127.0f : std::nanf("");
-      int32_t sum = 0;
-      for (int i = 0; i < n; ++i) {
-        float r = std::nearbyint(v[i] * id);
-        r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
-        q[k0 + i] = static_cast<int8_t>(r);
-        sum += q[k0 + i];
+      if (!finite || amax == 0.0f) {
+        std::memset(q + k0, 0, GROUP);
+        c[k0 / GROUP] = 0;
+        continue;
       }
-      for (int i = n; i < GROUP; ++i) q[k0 + i] = 0;
-      c[k0 / GROUP] = sum;
+      const R id = Vec::set1(127.0f / amax);
+      R total = Vec::zero();
+      for (int i = 0; i < GROUP; i += L) {
+        const R r = Vec::min(Vec::max(Vec::round(Vec::mul(Vec::load(g + i), id)), lo), hi);
+        Vec::store_i8(q + k0 + i, r);
+        total = Vec::add(total, r);
+      }
+      c[k0 / GROUP] = static_cast<int32_t>(Vec::reduce_add(total));  // integers below 2^24: exact
     }
   }
 }
