@@ -2,8 +2,9 @@
 
 Only the large matrices change format: the token embedding (which is also the tied LM head), and each
 block's c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj weights. Layer norms, biases and the position
-embedding stay float32. The kernels widen the stored values to float32 exactly, so compute is float32:
-- fp16 / bf16: IEEE half (F16C) / bfloat16 (the top 16 bits of a float32), rounded to nearest even.
+embedding stay float32.
+- fp16 / bf16: IEEE half (F16C) / bfloat16 (the top 16 bits of a float32), rounded to nearest even; the kernels
+  widen them to float32 exactly in registers, so compute is float32.
 - int8: symmetric in groups of 32 along the input dimension, w = q * scale with one fp16 scale per group and
   output channel (max|w| / 127 over the group, rounded to fp16), q in [-127, 127]: 1.0625 bytes per weight.
   The kernels quantize the activations the same way per row on the fly and sum each group's products in
