@@ -233,6 +233,16 @@ inline void blocked_tile(float* out, const float* inp, const typename WR::T* blo
   }
 }
 
+// The last rows (fewer than ROWS) of a pass, as one tile.
+template <class WR, int ROWS, int CV>
+inline void blocked_tail(int rows, float* out, const float* inp, const typename WR::T* block, const float* bias, int K,
+                         int ldi, int ldo, int n0, int ncols, bool accumulate) {
+  if constexpr (ROWS > 1) {
+    if (rows == ROWS - 1) return blocked_tile<WR, ROWS - 1, CV>(out, inp, block, bias, K, ldi, ldo, n0, ncols, accumulate);
+    return blocked_tail<WR, ROWS - 1, CV>(rows, out, inp, block, bias, K, ldi, ldo, n0, ncols, accumulate);
+  }
+}
+
 // Column blocks b0..b1-1, each in passes of CV vectors over SR rows at a time: a pass reads its weights once
 // from memory and the pass's other row tiles find them in L1/L2. Used for every row count on AVX-512 and up
 // to WIDE_PACK_MAX_M rows on AVX2 (see matmul_impl): measured on 12 layers of fp16 gpt2 weights cold in cache
@@ -254,9 +264,9 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
       for (; m + SR <= M; m += SR)
         blocked_tile<WR, SR, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block, bias,
                                  K, ldi, ldo, n0, ncols, accumulate);
-      for (; m < M; ++m)
-        blocked_tile<WR, 1, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block, bias,
-                                K, ldi, ldo, n0, ncols, accumulate);
+      if (m < M)
+        blocked_tail<WR, SR, CV>(M - m, out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block,
+                                 bias, K, ldi, ldo, n0, ncols, accumulate);
     }
   }
 }
