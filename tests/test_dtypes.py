@@ -291,3 +291,18 @@ def test_quantized_checkpoint_loads_without_conversion(outlier_model, tmp_path, 
         gptcpp.GPT2.from_pretrained(dst, dtype=other)
     with pytest.raises(ValueError, match="already a gptcpp"):
         save_quantized(dst, str(tmp_path / "again"), "int8")
+
+
+def test_checkpoint_of_an_older_format_version_is_refused(outlier_model, tmp_path):
+    """int8 changed layout in format version 2 (groups of 32 instead of a scale per channel): a file that says
+    it is version 1 is refused with what to do, never read as the new layout."""
+    from safetensors.numpy import load_file, save_file
+
+    from gptcpp.loading import CheckpointError
+    from gptcpp.quantize import save_quantized
+    dst = save_quantized(outlier_model, str(tmp_path / "q"), "int8")
+    path = f"{dst}/model.safetensors"
+    tensors = load_file(path)
+    save_file(tensors, path, metadata={"format": "gptcpp", "gptcpp.dtype": "int8", "gptcpp.format_version": "1"})
+    with pytest.raises(CheckpointError, match="format version 1.*quantize the original checkpoint again"):
+        gptcpp.GPT2.from_pretrained(dst)
