@@ -39,8 +39,14 @@ def test_bench_peers_quick_runs_whatever_is_installed(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gptcpp", "bench", "--model", model, "--quick", "--peers",
                         "--openvino", "fp32", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr
-    results = json.loads(out.read_text())["results"]
+    data = json.loads(out.read_text())
+    results = data["results"]
     assert results["transformers fp32"]["tg_tok_s"] > 0  # torch and transformers are test requirements
+    # gptcpp fp32 against the best same-format peer: at least transformers fp32, with the ratio printed
+    vs = data["same_format"]["gptcpp fp32"]["tg_tok_s"]
+    assert vs["peer"] in ("transformers fp32", "ctranslate2 fp32", "openvino fp32 f32-compute")
+    assert abs(vs["ratio"] - results["gptcpp fp32"]["tg_tok_s"] / results[vs["peer"]]["tg_tok_s"]) < 1e-9
+    assert f"x {vs['peer']}" in r.stdout
     for module, label, name in (("ctranslate2", "CTranslate2", "ctranslate2 fp32"),
                                 ("openvino_genai", "OpenVINOGenAI", "openvino fp32")):
         try:

@@ -477,7 +477,9 @@ def run(args) -> int:
                        "date": time.strftime("%Y-%m-%d %H:%M"), "model": path, "shape": args.shape},
            "limits": {"read_bandwidth_gb_s": bandwidth / 1e9, "bandwidth_readings_gb_s": [x / 1e9 for x in bw],
                       "numpy_gemm_gflops": gemm},
-           "results": results}
+           "results": results,
+           "same_format": {name: {k: {"ratio": ratio, "peer": peer} for k, (ratio, peer) in v.items()}
+                           for name, v in same_format_ratios(results).items()}}
     _print(out, peers)
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -495,6 +497,34 @@ def _lscpu_model() -> str:
     return "unknown"
 
 
+# A gptcpp weight format and the peers' contenders that hold the same weights in the same precision (OpenVINO's
+# default compute for an fp32 model is bf16 on CPUs with AVX512-BF16, so that one sits with bf16).
+SAME_FORMAT = {
+    "fp32": ("transformers fp32", "ctranslate2 fp32", "llama.cpp f32", "openvino fp32 f32-compute"),
+    "fp16": ("llama.cpp f16",),
+    "bf16": ("openvino fp32",),
+    "int8": ("llama.cpp q8_0", "openvino int8"),
+    "int4": ("llama.cpp q4_0", "openvino int4"),
+}
+
+
+def same_format_ratios(results: dict) -> dict:
+    """gptcpp contender -> {metric: (ratio, peer)} against the best same-format peer in the run."""
+    out = {}
+    for name, r in results.items():
+        if not name.startswith("gptcpp "):
+            continue
+        fmt = name.split()[1].split("-")[0]
+        peers = {p: results[p] for p in SAME_FORMAT.get(fmt, ()) if p in results}
+        ratios = {}
+        for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s"):
+            best = max(((v[k], p) for p, v in peers.items() if v[k] > 0), default=None)
+            if best:
+                ratios[k] = (r[k] / best[0], best[1])
+        out[name] = ratios
+    return out
+
+
 def _print(out, peers):
     m, lim = out["machine"], out["limits"]
     print(f"{m['cpu']} | isa {m['isa']} | {m['threads']} threads | {m['shape']} ({m['model']}) | {m['date']}")
@@ -503,6 +533,7 @@ def _print(out, peers):
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in lim["numpy_gemm_gflops"].items() if k != "blas"))
     best_peer = {k: max((p[k] for p in peers.values() if p[k] > 0), default=None)
                  for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s")}
+    same = same_format_ratios(out["results"])
     print(f"{'contender':20} {'pp tok/s':>10} {'tg tok/s':>10} {'batch tok/s':>12}  notes")
     for name, r in out["results"].items():
         notes = []
@@ -513,8 +544,11 @@ def _print(out, peers):
             notes.append(f"load {r['load_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB "
                          f"({r['rss_over_file']:.2f}x file)")
             for k, label in (("pp_tok_s", "pp"), ("tg_tok_s", "tg"), ("batch_tok_s", "batch")):
+                if k in same.get(name, {}):
+                    ratio, peer = same[name][k]
+                    notes.append(f"{label} {ratio:.2f}x {peer}")
                 if best_peer[k]:
-                    notes.append(f"{label} {r[k] / best_peer[k]:.2f}x best peer")
+                    notes.append(f"{label} {r[k] / best_peer[k]:.2f}x best peer of any format")
         print(f"{name:20} {r['pp_tok_s']:10.1f} {r['tg_tok_s']:10.1f} {r['batch_tok_s']:12.1f}  {'; '.join(notes)}")
 
 
