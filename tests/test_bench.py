@@ -1,8 +1,11 @@
 """`gptcpp bench --quick` runs end to end and reports every figure (no timing is asserted)."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 import gptcpp
 from conftest import random_gpt2, save
@@ -71,3 +74,67 @@ def test_bench_speculative_quick(tmp_path):
                 "speedup_at_acceptance_0.8", "measured_speedup", "ttft_ratio"):
         assert data[key] > 0, key
     assert 0 <= data["measured_acceptance"] <= 1
+
+
+# Stand-ins for openvino / openvino_genai, put first on the path of the benchmark's process: OpenVINO missing, or
+# installed but failing when the pipeline is built, or when it generates. Each must print one line and go on.
+_GENAI = ("class SchedulerConfig:\n    pass\n\n\nclass GenerationConfig:\n    pass\n\n\n"
+          "TokenizedInputs = lambda ids, mask: ids\n\n\nclass LLMPipeline:\n    def __init__(self, *a, **k):\n")
+_FAKE_OPENVINO = {
+    "missing": (None, 'raise ImportError("hidden by the test")', "OpenVINOGenAI: not installed, skipped"),
+    "fails-to-load": ("Tensor = None\n", _GENAI + "        raise RuntimeError('no device in the test')\n",
+                      "OpenVINOGenAI fp32: skipped (RuntimeError: no device in the test)"),
+    "fails-while-measured": ("Tensor = lambda a: a\n",
+                             _GENAI + "        pass\n\n    def generate(self, *a):\n"
+                                      "        raise RuntimeError('out of memory in the test')\n",
+                             "openvino fp32: skipped (RuntimeError: out of memory in the test)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_FAKE_OPENVINO))
+def test_bench_peers_survive_openvino_missing_or_failing(tmp_path, case):
+    openvino, genai, line = _FAKE_OPENVINO[case]
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "openvino_genai.py").write_text(genai)
+    if openvino:
+        (fake / "openvino.py").write_text(openvino)
+    model = save(random_gpt2(seed=2, vocab_size=300, n_embd=32, n_layer=2, n_head=2), tmp_path / "m")
+    os.makedirs(model + "-ov-fp32")
+    open(os.path.join(model + "-ov-fp32", "openvino_model.xml"), "w").close()  # an export made before: reused
+    out = tmp_path / "bench.json"
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(gptcpp.__file__)))
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(fake), package_root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "gptcpp", "bench", "--model", model, "--quick", "--peers",
+                        "--openvino-formats", "fp32", "--json", str(out)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert line in r.stdout, r.stdout
+    results = json.loads(out.read_text())["results"]
+    assert "openvino fp32" not in results and results["gptcpp fp32"]["tg_tok_s"] > 0
+
+
+def test_bench_openvino_quick(tmp_path):
+    """OpenVINO GenAI for real: each format exported once with optimum-cli next to the checkpoint, then timed."""
+    pytest.importorskip("openvino_genai", reason="openvino-genai is not installed")
+    if importlib.util.find_spec("optimum.intel") is None:
+        pytest.skip("optimum-intel is not installed")
+    from gptcpp.bench import OpenVINOGenAI
+    model = save(random_gpt2(seed=2, vocab_size=300, n_embd=32, n_layer=2, n_head=2), tmp_path / "m")
+    out = tmp_path / "bench.json"
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(gptcpp.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "gptcpp", "bench", "--model", model, "--quick", "--peers",
+                        "--openvino-formats", "fp32,fp32:f32,int8", "--json", str(out)], capture_output=True,
+                       text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())["results"]
+    for name in ("openvino fp32", "openvino fp32 f32-compute", "openvino int8"):
+        assert name in results, r.stdout
+        assert all(results[name][k] > 0 for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s")), name
+    xml = os.path.join(model + "-ov-fp32", "openvino_model.xml")
+    made = os.path.getmtime(xml)
+    ov = OpenVINOGenAI(model, 1, "fp32", "f32")  # the export is reused, not made again
+    assert os.path.getmtime(xml) == made and ov.name == "openvino fp32 f32-compute"
+    assert ov.prefill(list(range(20))) > 0 and ov.decode([[1, 2, 3]] * 3, 4) > 0  # 4 new tokens each, checked

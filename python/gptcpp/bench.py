@@ -5,7 +5,8 @@ decode of 128 tokens at batch 1 (tg128) and at batch 16, load time and peak RSS;
 machine's limits: memory read bandwidth (a C++ probe, at the start and the end, best used) and numpy's fp32
 GEMM on the model's shapes (in a subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset, so OpenBLAS
 picks its best kernel). Contenders are interleaved (A B A B ...) and the best of --repeat runs is kept.
-Peers, when installed: transformers (PyTorch) and CTranslate2 on the same weights."""
+Peers, when installed: transformers (PyTorch), CTranslate2 and OpenVINO GenAI on the same weights (and llama.cpp's
+llama-bench on GGUF copies)."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "kernels' layout, written once by gptcpp quantize --dtype fp32)")
     p.add_argument("--peers", action="store_true",
                    help="also run transformers, CTranslate2 and OpenVINO GenAI where installed")
-    p.add_argument("--openvino", default="fp32,fp32:f32,int8,int4",
+    p.add_argument("--openvino", "--openvino-formats", default="fp32,fp32:f32,int8,int4",
                    help="with --peers: OpenVINO GenAI weight formats to export and run (fp32, fp16, int8, int4); "
                         "FORMAT:f32 forces float32 compute (by default OpenVINO computes in bf16 where the CPU has "
                         "AVX512-BF16)")
@@ -269,22 +270,33 @@ class CTranslate2:
 
 class OpenVINOGenAI:
     """OpenVINO GenAI's native pipeline on an `optimum-cli export openvino` copy of the same weights (made once,
-    next to the checkpoint). Its prefix cache is turned off, as gptcpp's is by default, so that repeating the same
-    prompt measures prefill again; `hint` "f32" sets INFERENCE_PRECISION_HINT (otherwise bf16 compute on CPUs
-    with AVX512-BF16)."""
+    next to the checkpoint). The scheduler is LLMPipeline's default (no cap on the tokens of a step, so the prompt
+    is not split) with its prefix cache off, as gptcpp's is by default, so that repeating the same prompt measures
+    prefill again. One stream (the CPU plugin's default LATENCY hint) of `threads` threads; `hint` "f32" sets
+    INFERENCE_PRECISION_HINT (otherwise bf16 compute on CPUs with AVX512-BF16)."""
 
     def __init__(self, path, threads, weight_format="fp32", hint=None):
+        import importlib.util
+        import shutil
+
         import openvino as ov
         import openvino_genai as og
         out = f"{path.rstrip('/')}-ov-{weight_format}"
         if not os.path.isfile(os.path.join(out, "openvino_model.xml")):
+            if importlib.util.find_spec("optimum.intel") is None:
+                raise ImportError("optimum-intel is needed to export the model")
+            shutil.rmtree(out + ".tmp", ignore_errors=True)
             r = subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model",
-                                path, "--task", "text-generation-with-past", "--weight-format", weight_format, out],
-                               capture_output=True, text=True, timeout=3600)
+                                path, "--task", "text-generation-with-past", "--weight-format", weight_format,
+                                out + ".tmp"], capture_output=True, text=True, timeout=3600)
             if r.returncode:
-                raise RuntimeError(f"optimum-cli export failed: {r.stderr.strip()[-300:]}")
+                lines = r.stderr.strip().splitlines() or [""]
+                raise RuntimeError("optimum-cli export failed: "
+                                   + next((x for x in reversed(lines) if "Error" in x), lines[-1])[-200:])
+            os.replace(out + ".tmp", out)
         scheduler = og.SchedulerConfig()
         scheduler.enable_prefix_caching = False
+        scheduler.max_num_batched_tokens = sys.maxsize
         props = {"INFERENCE_NUM_THREADS": threads}
         if hint:
             props["INFERENCE_PRECISION_HINT"] = hint
@@ -293,19 +305,26 @@ class OpenVINOGenAI:
         self.name = f"openvino {weight_format}" + (f" {hint}-compute" if hint else "")
 
     def _run(self, prompts, n):
-        ids = np.asarray(prompts, dtype=np.int64)
+        ids = np.asarray(prompts, dtype=np.int64)  # token ids, batch x length (the prompts are of equal length)
         cfg = self.og.GenerationConfig()
         cfg.max_new_tokens, cfg.min_new_tokens, cfg.ignore_eos, cfg.do_sample = n, n, True, False
         inputs = self.og.TokenizedInputs(self.ov.Tensor(ids), self.ov.Tensor(np.ones_like(ids)))
         t0 = time.perf_counter()
-        self.pipe.generate(inputs, cfg)
-        return time.perf_counter() - t0
+        res = self.pipe.generate(inputs, cfg)
+        t = time.perf_counter() - t0
+        if [len(x) for x in res.tokens] != [n] * len(prompts):
+            raise RuntimeError(f"asked for {n} new tokens each, got {[len(x) for x in res.tokens]}")
+        return t
 
     def prefill(self, ids):
         return self._run([ids], 1)
 
     def decode(self, prompts, n):
         return self._run(prompts, n)
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def _cfg(path):
@@ -420,19 +439,22 @@ def run(args) -> int:
         makers = [(cls.__name__, lambda cls=cls: cls(path, args.threads)) for cls in (Transformers, CTranslate2)]
         try:
             import openvino_genai  # noqa: F401
+        except ImportError:
+            print("OpenVINOGenAI: not installed, skipped")
+        except Exception as e:
+            print(f"OpenVINOGenAI: skipped ({_why(e)})")
+        else:
             for item in (x.strip() for x in args.openvino.split(",") if x.strip()):
                 fmt, _, hint = item.partition(":")
                 makers.append((f"OpenVINOGenAI {item}",
                                lambda f=fmt, h=hint: OpenVINOGenAI(path, args.threads, f, h or None)))
-        except ImportError:
-            print("OpenVINOGenAI: not installed, skipped")
         for name, make in makers:
             try:
                 contenders.append(make())
             except ImportError:
                 print(f"{name}: not installed, skipped")
             except Exception as e:  # a peer that cannot run here must not end the run
-                print(f"{name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                print(f"{name}: skipped ({_why(e)})")
     if args.peers and args.llama_bench and args.gguf:
         for g in args.gguf.split(","):
             try:
@@ -441,16 +463,22 @@ def run(args) -> int:
                 print(f"llama.cpp {g}: skipped ({e})")
     best = {c.name: {"pp": 1e9, "tg": 1e9, "b16": 1e9} for c in contenders}
     for _ in range(args.repeat):  # interleaved: every contender once per round
-        for c in contenders:
+        for c in list(contenders):
             b = best[c.name]
-            if isinstance(c, LlamaCpp):  # its own timer; tokens per second back to seconds
-                pp, tg = c.measure(T, args.new_tokens)
-                b["pp"], b["tg"] = min(b["pp"], T / pp), min(b["tg"], args.new_tokens / tg)
-                b["b16"] = float("inf")
-                continue
-            b["pp"] = min(b["pp"], c.prefill(prompt))
-            b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
-            b["b16"] = min(b["b16"], c.decode(short, args.new_tokens))
+            try:
+                if isinstance(c, LlamaCpp):  # its own timer; tokens per second back to seconds
+                    pp, tg = c.measure(T, args.new_tokens)
+                    b["pp"], b["tg"] = min(b["pp"], T / pp), min(b["tg"], args.new_tokens / tg)
+                    b["b16"] = float("inf")
+                    continue
+                b["pp"] = min(b["pp"], c.prefill(prompt))
+                b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
+                b["b16"] = min(b["b16"], c.decode(short, args.new_tokens))
+            except Exception as e:  # a peer that fails while measured is dropped, not the run
+                if isinstance(c, Gptcpp):
+                    raise
+                print(f"{c.name}: skipped ({_why(e)})")
+                contenders.remove(c)
     bw.append(_core.memory_read_bandwidth(64 if args.quick else 512, 3, args.threads))
     bandwidth = max(bw)
 
@@ -534,7 +562,7 @@ def _print(out, peers):
     best_peer = {k: max((p[k] for p in peers.values() if p[k] > 0), default=None)
                  for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s")}
     same = same_format_ratios(out["results"])
-    print(f"{'contender':20} {'pp tok/s':>10} {'tg tok/s':>10} {'batch tok/s':>12}  notes")
+    print(f"{'contender':26} {'pp tok/s':>10} {'tg tok/s':>10} {'batch tok/s':>12}  notes")
     for name, r in out["results"].items():
         notes = []
         if "decode_fraction_of_bandwidth" in r:
@@ -549,7 +577,7 @@ def _print(out, peers):
                     notes.append(f"{label} {ratio:.2f}x {peer}")
                 if best_peer[k]:
                     notes.append(f"{label} {r[k] / best_peer[k]:.2f}x best peer of any format")
-        print(f"{name:20} {r['pp_tok_s']:10.1f} {r['tg_tok_s']:10.1f} {r['batch_tok_s']:12.1f}  {'; '.join(notes)}")
+        print(f"{name:26} {r['pp_tok_s']:10.1f} {r['tg_tok_s']:10.1f} {r['batch_tok_s']:12.1f}  {'; '.join(notes)}")
 
 
 def main(argv=None) -> int:
