@@ -118,8 +118,8 @@ void add_q8_outliers(WeightView& w, const py::object& rows, const py::object& we
 }
 
 // A weight matrix in its storage format. shape is the checkpoint's: [K,N] for a Conv1D weight, [vocab, n_embd]
-// for the embedding / LM head (rows_are_outputs), whose q8 form is stored transposed. f32/f16/bf16 [K,N] may
-// come blocked, as an array [ceil(N/64), K, 64] (see kernels.h); q8 brings a "<name>.scale" tensor.
+// for the embedding / LM head (rows_are_outputs), whose q8 and blocked forms are stored transposed. f32/f16/bf16
+// [K,N] may come blocked, as an array [ceil(N/64), K, 64] (see kernels.h); q8 brings a "<name>.scale" tensor.
 WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string& name, std::vector<int64_t> shape,
                          bool rows_are_outputs = false) {
   if (!tensors.contains(name)) throw std::invalid_argument("missing tensor " + name);
@@ -144,8 +144,8 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
       m.keep_alive.push_back(rows.cast<py::array>());
       m.keep_alive.push_back(vals.cast<py::array>());
     }
-  } else if (arr.ndim() == 3 && !rows_are_outputs) {
-    const int64_t K = shape[0], N = shape[1];
+  } else if (arr.ndim() == 3) {  // an embedding / LM head [vocab, n_embd] blocked is stored transposed
+    const int64_t K = rows_are_outputs ? shape[1] : shape[0], N = rows_are_outputs ? shape[0] : shape[1];
     if (arr.shape(0) != (N + kBlockCols - 1) / kBlockCols || arr.shape(1) != K || arr.shape(2) != kBlockCols)
       throw std::invalid_argument("blocked tensor " + name + " has the wrong shape");
     w.blocked = true;

@@ -174,7 +174,8 @@ def test_int8_embedding_table_transposed(outlier_model):
     column. Its hidden states and logits match an fp32 model given the dequantized table up to int8's error
     (a neighbour's column or a wrong group scale would be off by the whole spread)."""
     ref = gptcpp.GPT2.from_pretrained(outlier_model)
-    t = quantize_int8("wte.weight", ref._tensors["wte.weight"].T, [0, 1])
+    wte = row_major_table(ref)
+    t = quantize_int8("wte.weight", wte.T, [0, 1])
     model = gptcpp.GPT2(ref.config, {**ref._tensors, **t}, None)
     table = np.ascontiguousarray(dequantize_int8(t, "wte.weight", 64, 400).T)
     twin = gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": table}, None)
@@ -195,12 +196,36 @@ def test_int8_embedding_table_transposed(outlier_model):
     with pytest.raises(ValueError, match="not both"):
         gptcpp.GPT2(ref.config, broken, None)
     with pytest.raises(ValueError, match="may be int8, not int4"):
-        gptcpp.GPT2(ref.config, {**ref._tensors, **quantize_int8("wte.weight", ref._tensors["wte.weight"].T, bits=4)})
+        gptcpp.GPT2(ref.config, {**ref._tensors, **quantize_int8("wte.weight", wte.T, bits=4)})
+
+
+def row_major_table(model):
+    """A loaded model's token embedding [vocab, n_embd], from its blocked transposed [vocab/64, n_embd, 64]."""
+    return np.ascontiguousarray(from_blocked(model._tensors["wte.weight"], model.config.vocab_size).T)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_embedding_table_blocked_or_row_major(outlier_model, dtype):
+    """The float formats store the embedding / LM head transposed in the blocked layout (the LM head is then a
+    direct-path matmul, a lookup gathers a column); a row-major table (a checkpoint's own, passed as it is)
+    is read by row dot products and direct lookups. Both give the same hidden states exactly (a lookup is a
+    copy) and logits to rounding, at the last column block's padded edge too, one row and many."""
+    model = gptcpp.GPT2.from_pretrained(outlier_model, dtype=dtype)
+    table = model._tensors["wte.weight"]
+    assert table.shape == (-(-400 // 64), 64, 64)
+    row_major = np.ascontiguousarray(from_blocked(table, 400).T)
+    twin = gptcpp.GPT2(model.config, {**model._tensors, "wte.weight": row_major}, None)
+    for token in (0, 63, 64, 383, 384, 399):
+        assert np.array_equal(model.hidden_states([token, 1]), twin.hidden_states([token, 1])), token
+    for ids in (rng_ids(1, 400, seed=4), rng_ids(37, 400, seed=5)):
+        np.testing.assert_allclose(model.logits(ids), twin.logits(ids), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="wrong shape"):
+        gptcpp.GPT2(model.config, {**model._tensors, "wte.weight": table[:-1].copy()}, None)
 
 
 def test_residual_outlier_channels_found_from_the_embedding(outlier_model):
     from gptcpp.quantize import residual_outlier_channels
-    wte = gptcpp.GPT2.from_pretrained(outlier_model)._tensors["wte.weight"]
+    wte = row_major_table(gptcpp.GPT2.from_pretrained(outlier_model))
     assert list(residual_outlier_channels(wte)) == [0, 1]  # the test model's outliers (conftest.random_gpt2)
     assert len(residual_outlier_channels(np.random.default_rng(0).standard_normal((500, 64)))) == 0
 
@@ -275,13 +300,18 @@ def test_quantized_checkpoint_loads_without_conversion(outlier_model, tmp_path, 
     assert stored.dtype == dtype
     ids = rng_ids(40, 400, seed=2)
     assert np.array_equal(stored.logits(ids), converted.logits(ids))  # same numbers, bit for bit
-    # fp32: only the layout changed (blocked matrices, read in place), so the logits equal the original's, on
-    # prompts long enough for the packed and direct paths and at the decoding step's few rows
+    # fp32: only the layout changed (blocked matrices, read in place): the hidden states equal those of the
+    # checkpoint's own row-major layout (packed, streaming and direct paths all sum k = 0..K-1 in one FMA chain)
+    # on prompts long enough for the packed path and at the decoding step's few rows, and the logits match
     if dtype == "fp32":
         assert stored._tensors["h.0.mlp.c_fc.weight"].ndim == 3
-        long_ids = rng_ids(100, 400, seed=3)
-        assert np.array_equal(stored.logits(long_ids), converted.logits(long_ids))
-        assert stored.generate(ids[:5], max_new_tokens=8).token_ids == converted.generate(ids[:5], max_new_tokens=8).token_ids
+        from gptcpp.loading import load_checkpoint
+        _, cfg, original, _ = load_checkpoint(outlier_model)
+        as_stored = gptcpp.GPT2(cfg, dict(original), None)
+        for n in (100, 5, 1):
+            long_ids = rng_ids(n, 400, seed=3)
+            assert np.array_equal(stored.hidden_states(long_ids), as_stored.hidden_states(long_ids)), n
+            np.testing.assert_allclose(stored.logits(long_ids), as_stored.logits(long_ids), rtol=0, atol=1e-5)
     # weights are views of the mapped file, not copies
     big = stored._tensors["h.0.mlp.c_fc.weight"]
     assert not big.flags.owndata and big.dtype == np.dtype(stored_dtype(dtype))
@@ -294,8 +324,9 @@ def test_quantized_checkpoint_loads_without_conversion(outlier_model, tmp_path, 
 
 
 def test_checkpoint_of_an_older_format_version_is_refused(outlier_model, tmp_path):
-    """int8 changed layout in format version 2 (groups of 32 instead of a scale per channel): a file that says
-    it is version 1 is refused with what to do, never read as the new layout."""
+    """int8 changed layout in format version 2 (groups of 32 instead of a scale per channel), the float formats'
+    embedding table in version 3 (blocked and transposed): a file of an older layout is refused with what to
+    do, never read as the new layout; an int8 file of version 2 is the same as version 3 and is read."""
     from safetensors.numpy import load_file, save_file
 
     from gptcpp.loading import CheckpointError
@@ -305,4 +336,13 @@ def test_checkpoint_of_an_older_format_version_is_refused(outlier_model, tmp_pat
     tensors = load_file(path)
     save_file(tensors, path, metadata={"format": "gptcpp", "gptcpp.dtype": "int8", "gptcpp.format_version": "1"})
     with pytest.raises(CheckpointError, match="format version 1.*quantize the original checkpoint again"):
+        gptcpp.GPT2.from_pretrained(dst)
+    save_file(tensors, path, metadata={"format": "gptcpp", "gptcpp.dtype": "int8", "gptcpp.format_version": "2"})
+    ids = rng_ids(20, 400, seed=6)
+    assert np.array_equal(gptcpp.GPT2.from_pretrained(dst).logits(ids),
+                          gptcpp.GPT2.from_pretrained(outlier_model, dtype="int8").logits(ids))
+    dst = save_quantized(outlier_model, str(tmp_path / "h"), "fp16")
+    path = f"{dst}/model.safetensors"
+    save_file(load_file(path), path, metadata={"format": "gptcpp", "gptcpp.dtype": "fp16", "gptcpp.format_version": "2"})
+    with pytest.raises(CheckpointError, match="fp16 checkpoint of format version 2.*quantize the original"):
         gptcpp.GPT2.from_pretrained(dst)

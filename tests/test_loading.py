@@ -1,6 +1,7 @@
 """Checkpoint loading: every layout transformers writes (with / without the `transformer.` prefix, F32 / F16
 / BF16, sharded / single file, tied / untied head, attention-mask buffers, n_ctx, n_inner) gives transformers'
-logits; F32 weights are used in place from the memory map; every bad input fails with a clear exception."""
+logits; matrices are converted into the kernels' layout without holding the file twice, the rest used in place
+from the memory map; every bad input fails with a clear exception."""
 import copy
 import json
 import mmap
@@ -17,6 +18,7 @@ import gptcpp
 from gptcpp import CheckpointError, ConfigError
 from gptcpp.config import GPT2Config, load_config
 from gptcpp.loading import SafetensorsFile, load_checkpoint
+from gptcpp.quantize import from_blocked
 from conftest import random_gpt2, rng_ids, save, torch_logits
 
 TOL = 1e-4
@@ -140,7 +142,7 @@ def test_half_precision_checkpoints(base, tmp_path, dtype, torch_dtype, prefix):
         assert arr.dtype == np.float32 and arr.flags.c_contiguous, name
         assert not reaches_mmap(arr), f"{name}: {dtype} must be converted, not mapped"
     # the rounding really happened: not the float32 weights
-    wte = model._tensors["wte.weight"]
+    wte = from_blocked(model._tensors["wte.weight"], model.config.vocab_size).T
     assert not np.array_equal(wte, base.transformer.wte.weight.detach().numpy())
     np.testing.assert_array_equal(wte, ref.transformer.wte.weight.detach().numpy())
 
@@ -153,10 +155,47 @@ def test_half_precision_loaded_back_by_transformers(base, tmp_path):
     assert_matches(path, ref, lengths=(17,))
 
 
-def test_f32_weights_are_used_in_place(saved):
-    model = gptcpp.GPT2.from_pretrained(saved)
-    assert set(st_dtypes(saved).values()) == {"F32"}
-    assert model._tensors
+def mapped_rss(path):
+    """Bytes of this process's resident memory in mappings of the file at path (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                inside = fields[-1] == os.path.realpath(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps")
+def test_f32_matrices_converted_without_holding_the_file(tmp_path):
+    """A Hugging Face F32 checkpoint: the matrices go into the kernels' blocked layout, the small tensors are
+    copied, the file pages behind each converted matrix leave resident memory as it is converted (so that
+    loading never holds the weights twice: peak RSS near the file's size, not double), and the file is
+    unmapped at the end."""
+    m = random_gpt2(seed=12, vocab_size=3000, n_embd=256, n_layer=2, n_head=4)
+    path = save(m, tmp_path / "big")
+    assert set(st_dtypes(path).values()) == {"F32"}
+    file = os.path.join(path, "model.safetensors")
+    model = assert_matches(path, m, lengths=(9,))
+    for name, arr in model._tensors.items():
+        assert arr.flags.owndata and not reaches_mmap(arr), name
+    assert model._tensors["wte.weight"].shape == (-(-3000 // 64), 256, 64)
+    assert mapped_rss(file) == 0  # nothing refers to the mapping any more: unmapped
+    # while loading: the pages behind each converted matrix are let go as soon as it is converted
+    from gptcpp.loading import load_weights
+    from gptcpp.quantize import convert_tensors
+    tensors, _ = load_weights(path, model.config)
+    most = convert_tensors(tensors, "fp32", release=tensors.release)
+    assert mapped_rss(file) < 0.1 * os.path.getsize(file), (mapped_rss(file), os.path.getsize(file))
+    del most
+
+
+def test_quantized_fp32_checkpoint_is_used_in_place(saved, tmp_path):
+    from gptcpp.quantize import save_quantized
+    dst = save_quantized(saved, str(tmp_path / "fp32"), "fp32")
+    model = gptcpp.GPT2.from_pretrained(dst)
     for name, arr in model._tensors.items():
         assert not arr.flags.owndata and reaches_mmap(arr), f"{name} was copied out of the memory map"
         assert arr.dtype == np.float32 and arr.flags.c_contiguous and not arr.flags.writeable
@@ -169,7 +208,7 @@ def test_mixed_f32_and_f16_tensors(base, saved, tmp_path):
     with torch.no_grad():
         ref.transformer.wte.weight.copy_(ref.transformer.wte.weight.half().float())
     model = assert_matches(path, ref)
-    assert not reaches_mmap(model._tensors["wte.weight"]) and reaches_mmap(model._tensors["h.0.mlp.c_fc.weight"])
+    assert not any(reaches_mmap(a) for a in model._tensors.values())
 
 
 @pytest.mark.parametrize("half", [False, True])
@@ -180,9 +219,7 @@ def test_sharded_checkpoint(base, tmp_path, half, prefix):
     shards = [f for f in os.listdir(path) if f.endswith(".safetensors")]
     assert os.path.isfile(os.path.join(path, "model.safetensors.index.json")) and len(shards) > 1
     assert not os.path.exists(os.path.join(path, "model.safetensors"))
-    model = assert_matches(path, copy.deepcopy(m).float().eval())
-    if not half:
-        assert all(reaches_mmap(a) for a in model._tensors.values())
+    assert_matches(path, copy.deepcopy(m).float().eval())
 
 
 def test_untied_lm_head(tmp_path):
@@ -274,7 +311,7 @@ def test_n_inner(tmp_path, n_inner):
     model = assert_matches(path, m)
     assert model.config.n_inner == n_inner
     assert model.config.inner_dim == (n_inner or 4 * 32)
-    assert model._tensors["h.0.mlp.c_fc.weight"].shape == (32, n_inner or 128)
+    assert model._tensors["h.0.mlp.c_fc.weight"].shape == (-(-(n_inner or 128) // 64), 32, 64)
 
 
 def test_config_with_transformers_generic_names(tmp_path):

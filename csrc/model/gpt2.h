@@ -1,7 +1,8 @@
 // The GPT-2 forward pass over a batch of sequences, each with its own KV cache.
 //
-// Weights are borrowed float32 pointers in the Hugging Face layout (Conv1D [in, out]; wte [vocab, n_embd]),
-// owned by the caller (memory-mapped from the checkpoint when it is F32). One forward() call runs all the new
+// Weights are borrowed pointers owned by the caller: matrices in the Hugging Face layout (Conv1D [in, out];
+// wte [vocab, n_embd]) or, as the Python loader passes them, in the kernels' blocked layout (memory-mapped
+// in place from a checkpoint written by gptcpp quantize). One forward() call runs all the new
 // tokens of all sequences through each layer as one matrix, then attention per (sequence, head).
 #pragma once
 #include <cstdint>
@@ -41,11 +42,11 @@ struct LayerWeights {
 };
 
 struct GPT2Weights {
-  WeightView wte;  // [vocab, n_embd]; q8: stored transposed, [n_embd, vocab] (see embedding_row)
+  WeightView wte;  // [vocab, n_embd] row-major, or (blocked; q8 always) transposed, [n_embd, vocab] (see embedding_row)
   const float* wpe = nullptr;  // [n_positions, n_embd]
   std::vector<LayerWeights> layers;
   const float *ln_f_weight = nullptr, *ln_f_bias = nullptr;
-  WeightView lm_head;  // [vocab, n_embd] (q8: [n_embd, vocab]); == wte when tied
+  WeightView lm_head;  // as wte; == wte when tied
 };
 
 // Keys and values of one sequence, per layer and head: keys transposed [head_dim][capacity] (the scores

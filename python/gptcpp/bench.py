@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="runs of each contender, best kept")
     p.add_argument("--dtypes", default="fp32",
-                   help="comma-separated gptcpp weight formats (fp32,fp16,bf16,int8,int4; fp32-blocked: fp32 in the "
-                        "kernels' layout, written once by gptcpp quantize --dtype fp32)")
+                   help="comma-separated gptcpp weight formats (fp32,fp16,bf16,int8,int4; fp32-blocked: the fp32 "
+                        "checkpoint written once by gptcpp quantize --dtype fp32, loaded in place without "
+                        "conversion)")
     p.add_argument("--peers", action="store_true",
                    help="also run transformers, CTranslate2 and OpenVINO GenAI where installed")
     p.add_argument("--openvino", "--openvino-formats", default="fp32,fp32:f32,int8,int4",
@@ -144,7 +145,7 @@ def load_and_rss(path: str, threads: int, dtype: str) -> tuple[float, int]:
 
 class Gptcpp:
     """dtype: a weight format converted at load, or "fp32-blocked": the checkpoint written once by `gptcpp
-    quantize --dtype fp32` (same numbers, the kernels' blocked layout) next to it, loaded in place."""
+    quantize --dtype fp32` (same numbers, already in the kernels' layout) next to it, loaded in place."""
 
     def __init__(self, path, threads, dtype):
         from .model import GPT2

@@ -2,7 +2,9 @@
 
 Safetensors files are memory-mapped and parsed here (the format is an 8-byte header length, a JSON header,
 then raw little-endian tensors), so an F32 tensor becomes a numpy view of the mapped file: no second copy.
-F16 and BF16 tensors are widened to float32 once at load."""
+F16 and BF16 tensors are widened to float32 once at load. The model then converts the matrices into the
+kernels' layout (gptcpp.quantize.convert_tensors) and the file pages behind each are let go as it goes;
+a checkpoint written by gptcpp quantize is already in that layout and stays mapped, used in place."""
 from __future__ import annotations
 
 import json
@@ -127,6 +129,16 @@ class SafetensorsFile:
         # A writer that did not align the data gets a copy: the C++ core is never handed misaligned values.
         return arr if arr.flags.aligned else arr.copy()
 
+    def release(self, name: str) -> None:
+        """Lets go of the pages of the mapping that only this tensor's data occupies, once it has been
+        converted: they leave this process's resident memory (the mapping stays valid: a later read of them
+        loads them from the file again)."""
+        _, _, begin, end = self.entries[name]
+        page = mmap.PAGESIZE
+        start, stop = -(-begin // page) * page, end // page * page
+        if stop > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as float32: a view of the mapping for F32, a converted copy for F16 / BF16."""
         dtype = self.entries[name][0]
@@ -192,10 +204,24 @@ def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_weights(directory: str, cfg: GPT2Config) -> tuple[dict[str, np.ndarray], dict]:
+class LoadedTensors(dict):
+    """Name -> array, as loaded; release(name) lets go of the file pages behind a tensor that has been
+    converted (see SafetensorsFile.release)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources = {}
+
+    def release(self, name: str) -> None:
+        if name in self.sources:
+            f, stored_name = self.sources[name]
+            f.release(stored_name)
+
+
+def load_weights(directory: str, cfg: GPT2Config) -> tuple[LoadedTensors, dict]:
     """Arrays under the C++ model's names, checked against the config; and the files' metadata.
 
-    A Hugging Face checkpoint gives float32 arrays (F32 used in place). A checkpoint written by
+    A Hugging Face checkpoint gives float32 arrays (F32 a view of the mapped file). A checkpoint written by
     gptcpp.quantize (metadata "gptcpp.dtype") gives its stored arrays as they are: blocked matrices, scales."""
     files = _checkpoint_files(directory)
     metadata = {}
@@ -209,16 +235,16 @@ def load_weights(directory: str, cfg: GPT2Config) -> tuple[dict[str, np.ndarray]
         by_name.setdefault(canon, (f, name))
     stored = metadata.get("gptcpp.dtype")
     if stored is not None:
-        from .quantize import FORMAT_VERSION, OPTIONAL_SUFFIXES, stored_shapes  # the layouts gptcpp writes
+        from .quantize import FORMAT_VERSION, OPTIONAL_SUFFIXES, readable_format, stored_shapes  # gptcpp's layouts
         version = metadata.get("gptcpp.format_version")
-        if version != FORMAT_VERSION:
+        if not readable_format(stored, version):
             raise CheckpointError(f"{directory}: a gptcpp {stored} checkpoint of format version {version}, but this "
                                   f"gptcpp reads version {FORMAT_VERSION}; quantize the original checkpoint again")
         expected = stored_shapes(cfg, stored)
     else:
         OPTIONAL_SUFFIXES = ()
         expected = {n: (s, None) for n, s in expected_shapes(cfg).items()}
-    tensors = {}
+    tensors = LoadedTensors()
     for canon, (shape, np_dtype) in expected.items():
         if canon not in by_name:
             if canon.endswith(OPTIONAL_SUFFIXES):
@@ -237,6 +263,7 @@ def load_weights(directory: str, cfg: GPT2Config) -> tuple[dict[str, np.ndarray]
                 raise CheckpointError(f"{directory}: tensor {name!r} is {arr.dtype}, but a {stored} checkpoint "
                                       f"stores it as {np.dtype(np_dtype)}")
         tensors[canon] = np.ascontiguousarray(arr)
+        tensors.sources[canon] = (f, name)
     return tensors, metadata
 
 

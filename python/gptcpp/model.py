@@ -10,7 +10,7 @@ from . import _core
 from .config import GPT2Config
 from .generation import (GenerationResult, ScoreResult, TextStream, TokenLogprob, cut_at_stop, sampling_dict,
                          speculation_dict, validate_options)
-from .loading import load_checkpoint
+from .loading import expected_shapes, load_checkpoint
 from .quantize import check_dtype, convert_tensors
 from .tokenizer import GPT2Tokenizer
 
@@ -37,8 +37,8 @@ class GPT2:
                         prefix_cache_tokens: int = 0) -> "GPT2":
         """A local directory, a bundled model name (see gptcpp.bundled_models()), or a Hugging Face hub id.
 
-        dtype: the format of the large weight matrices, "fp32" (an F32 file is used in place), "fp16",
-        "bf16", "int8" or "int4" (converted at load; see gptcpp.quantize). None (the default) means fp32 for a
+        dtype: the format of the large weight matrices, "fp32", "fp16", "bf16", "int8" or "int4" (converted
+        at load into the kernels' layout; see gptcpp.quantize). None (the default) means fp32 for a
         Hugging Face checkpoint and the stored format for one written by `gptcpp quantize`, which loads
         without conversion; asking such a checkpoint for another format is an error.
         prefix_cache_tokens: keep the KV cache of recent prompts, up to this many tokens in all (least
@@ -54,7 +54,7 @@ class GPT2:
             dtype = stored
         else:
             dtype = dtype or "fp32"
-            tensors = convert_tensors(tensors, dtype)
+            tensors = convert_tensors(tensors, dtype, release=tensors.release)
         try:
             tok = GPT2Tokenizer.from_directory(directory)
         except FileNotFoundError:
@@ -93,7 +93,8 @@ class GPT2:
         return _core.isa()
 
     def num_parameters(self) -> int:
-        return int(sum(t.size for n, t in self._tensors.items() if not n.endswith(".scale")))
+        """Parameters of the checkpoint (as stored, formats pad and add scales)."""
+        return int(sum(np.prod(s) for s in expected_shapes(self.config).values()))
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decoding step reads (all tensors as stored)."""

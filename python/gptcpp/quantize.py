@@ -1,8 +1,12 @@
-"""Weight formats smaller than float32: fp16, bf16, int8 and int4, converted at load or written to a checkpoint.
+"""Weight formats: fp32, fp16, bf16, int8 and int4, converted at load or written to a checkpoint.
 
 Only the large matrices change format: the token embedding (which is also the tied LM head), and each
 block's c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj weights. Layer norms, biases and the position
-embedding stay float32.
+embedding stay float32. Every format, fp32 included, stores the matrices in the kernels' blocked layout
+(column blocks of 64, each a contiguous [K][64] run: decoding streams each block front to back, batches and
+prefill read it without packing), and the token embedding transposed, [n_embd, vocab], as the LM head's
+[K, N] matrix (an embedding lookup gathers a token's column from it). A Hugging Face checkpoint is converted
+when loaded; one written by `gptcpp quantize` (fp32 too) is already in this layout and is used in place.
 - fp16 / bf16: IEEE half (F16C) / bfloat16 (the top 16 bits of a float32), rounded to nearest even; the kernels
   widen them to float32 exactly in registers, so compute is float32.
 - int8: symmetric in groups of 32 along the input dimension, w = q * scale with one fp16 scale per group and
@@ -16,8 +20,7 @@ embedding stay float32.
   int8 product of the three matrices that read the residual stream (the LM head, c_attn, c_fc): their
   weight rows are stored in fp16 and multiplied in float32 (measured on the outlier test model: RMS logit
   error 1.8% without this, see the README for the figure with it). The token embedding is the LM head's
-  weight too, so it is stored transposed, [n_embd, vocab], in the matrix kernels' layout, and an embedding
-  lookup gathers a token's column from it.
+  weight too: its outlier channels are kept apart as well.
 - int4: the blocks' matrices as int8 but with 4-bit values (q in [-7, 7], scale max|w| / 7 per group of 32),
   two per byte: 0.5625 bytes per weight; the token embedding / LM head stays int8 (its 38.6M weights in
   gpt2 are a third of the model, and the logits are what sampling reads)."""
@@ -120,14 +123,21 @@ def dequantize_int8(tensors: dict, name: str, K: int, N: int) -> np.ndarray:
     return w
 
 
-def to_blocked(w: np.ndarray) -> np.ndarray:
-    """[K, N] -> [ceil(N/64), K, 64]: column blocks, each contiguous, the last zero-padded. Decoding reads
-    each block front to back (see csrc/kernels/matmul.inl)."""
-    K, N = w.shape
-    nb = -(-N // BLOCK_COLS)
-    padded = np.zeros((K, nb * BLOCK_COLS), dtype=w.dtype)
-    padded[:, :N] = w
-    return np.ascontiguousarray(padded.reshape(K, nb, BLOCK_COLS).transpose(1, 0, 2))
+def to_blocked(w: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """[K, N] -> [ceil(N/64), K, 64]: column blocks, each contiguous, the last zero-padded (see
+    csrc/kernels/matmul.inl). transpose: w is [N, K] (an embedding table) and w.T is blocked. Only the result
+    is allocated, so converting a checkpoint needs no more than one extra copy of the tensor at hand."""
+    N, K = w.shape if transpose else w.shape[::-1]
+    nb, full = -(-N // BLOCK_COLS), N // BLOCK_COLS
+    out = np.empty((nb, K, BLOCK_COLS), dtype=w.dtype)
+    if transpose:
+        out[:full] = w[:full * BLOCK_COLS].reshape(full, BLOCK_COLS, K).transpose(0, 2, 1)
+    else:
+        out[:full] = w[:, :full * BLOCK_COLS].reshape(K, full, BLOCK_COLS).transpose(1, 0, 2)
+    if full < nb:
+        out[full] = 0
+        out[full, :, :N - full * BLOCK_COLS] = w[full * BLOCK_COLS:].T if transpose else w[:, full * BLOCK_COLS:]
+    return out
 
 
 def from_blocked(b: np.ndarray, n: int) -> np.ndarray:
@@ -135,40 +145,43 @@ def from_blocked(b: np.ndarray, n: int) -> np.ndarray:
     return b.transpose(1, 0, 2).reshape(K, nb * BLOCK_COLS)[:, :n]
 
 
-def convert_tensors(tensors: dict[str, np.ndarray], dtype: str, blocked_fp32: bool = False) -> dict[str, np.ndarray]:
-    """float32 tensors -> the same names in `dtype` (int8 adds '<name>.scale' tensors, and
-    '<name>.outlier_rows' / '<name>.outlier_weights' where a matrix has outlier channels). fp32 is returned as it
-    is, unless blocked_fp32: then the blocks' matrices go into the blocked layout (what `gptcpp quantize --dtype
-    fp32` writes: the same numbers, read in place by the kernels' direct path)."""
+def convert_tensors(tensors: dict[str, np.ndarray], dtype: str, release=None) -> dict[str, np.ndarray]:
+    """float32 tensors -> the same names in `dtype`, matrices in the blocked layout (int8 adds '<name>.scale'
+    tensors, and '<name>.outlier_rows' / '<name>.outlier_weights' where a matrix has outlier channels).
+    release(name), if given, is called once a tensor has been converted: the loader lets go of the file pages
+    behind it then, so that converting a memory-mapped checkpoint never holds it twice."""
     check_dtype(dtype)
-    if dtype == "fp32" and not blocked_fp32:
-        return tensors
     out = {}
     outliers = residual_outlier_channels(tensors["wte.weight"]) if dtype in ("int8", "int4") else None
     for name, t in tensors.items():
+        table = name in ("wte.weight", "lm_head.weight")
         if not is_matrix(name):
-            out[name] = t
+            # A copy, small: nothing then refers to a mapped file, which is unmapped once converted (the page
+            # cache maps a mapped file in large folios: each small tensor left there kept up to 2 MB resident).
+            out[name] = np.array(t, dtype=np.float32)
         elif dtype in ("int8", "int4"):
-            # The embedding / LM head [vocab, n_embd] goes in transposed: [n_embd, vocab], like a Conv1D weight,
-            # and stays int8 in the int4 format. It and the two matrices that read a layer-normed residual stream
-            # keep its outlier channels apart.
-            table = name in ("wte.weight", "lm_head.weight")
+            # The LM head stays int8 in the int4 format. It and the two matrices that read a layer-normed
+            # residual stream keep its outlier channels apart.
             rows = outliers if table or name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")) else None
             out.update(quantize_int8(name, t.T if table else t, rows, 4 if dtype == "int4" and not table else 8))
-        elif dtype == "fp32":
-            out[name] = t if name in ("wte.weight", "lm_head.weight") else to_blocked(t)
-        elif name in ("wte.weight", "lm_head.weight"):
-            # [vocab, n_embd] rows are read whole by the LM head: row-major suits it.
-            out[name] = to_bf16(t) if dtype == "bf16" else _to_fp16(name, t)
         else:
-            out[name] = to_blocked(to_bf16(t) if dtype == "bf16" else _to_fp16(name, t))
+            narrow = t if dtype == "fp32" else to_bf16(t) if dtype == "bf16" else _to_fp16(name, t)
+            out[name] = to_blocked(narrow, transpose=table)
+        if release is not None:
+            release(name)
     return out
 
 
 # ---- checkpoints in a smaller format -----------------------------------------------------------------
 
 # 2: int8 in groups of 32 (version 1 had a scale per channel; such files are refused).
-FORMAT_VERSION = "2"
+# 3: fp32 / fp16 / bf16 token embeddings blocked and transposed, like int8's (int8 / int4 files of version 2
+#    are the same as version 3 and still read).
+FORMAT_VERSION = "3"
+
+
+def readable_format(dtype: str, version) -> bool:
+    return version == FORMAT_VERSION or (version == "2" and dtype in ("int8", "int4"))
 OPTIONAL_SUFFIXES = (".outlier_rows", ".outlier_weights")
 
 
@@ -179,23 +192,20 @@ def stored_shapes(cfg, dtype: str) -> dict:
     if dtype not in DTYPES:
         raise ValueError(f"unknown gptcpp.dtype {dtype!r} in the checkpoint's metadata")
     narrow = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16, "int8": np.int8, "int4": np.uint8}[dtype]
-    table = {"fp32": np.float32, "bf16": np.uint16}.get(dtype, np.float16)
     out = {}
     for name, shape in expected_shapes(cfg).items():
-        if is_matrix(name) and dtype in ("int8", "int4"):
-            table = name in ("wte.weight", "lm_head.weight")
-            K, N = shape[::-1] if table else shape
+        table = name in ("wte.weight", "lm_head.weight")
+        if is_matrix(name):
+            K, N = shape[::-1] if table else shape  # tables are stored transposed
             nb, Kp = -(-N // BLOCK_COLS), -(-K // GROUP) * GROUP
+        if is_matrix(name) and dtype in ("int8", "int4"):
             int4 = dtype == "int4" and not table
             out[name] = ((nb, Kp // (8 if int4 else 4), BLOCK_COLS, 4), np.uint8 if int4 else np.int8)
             out[name + ".scale"] = ((nb, Kp // GROUP, BLOCK_COLS), np.float16)
             out[name + ".outlier_rows"] = ((None,), np.int32)
             out[name + ".outlier_weights"] = ((None, N), np.float16)
-        elif name in ("wte.weight", "lm_head.weight"):
-            out[name] = (shape, table)
         elif is_matrix(name):
-            K, N = shape
-            out[name] = ((-(-N // BLOCK_COLS), K, BLOCK_COLS), narrow)
+            out[name] = ((nb, K, BLOCK_COLS), narrow)
         else:
             out[name] = (shape, np.float32)
     return out
@@ -218,7 +228,7 @@ def save_quantized(src: str, dst: str, dtype: str) -> str:
     directory, cfg, tensors, metadata = load_checkpoint(src)
     if metadata.get("gptcpp.dtype"):
         raise ValueError(f"{src} is already a gptcpp {metadata['gptcpp.dtype']} checkpoint; quantize the original")
-    converted = convert_tensors(tensors, dtype, blocked_fp32=True)
+    converted = convert_tensors(tensors, dtype)
     os.makedirs(dst, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in converted.items()}, os.path.join(dst, "model.safetensors"),
               metadata={"format": "gptcpp", "gptcpp.dtype": dtype, "gptcpp.format_version": FORMAT_VERSION})
