@@ -5,9 +5,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "cpu/isa.h"
 #include "generate/decoder.h"
@@ -427,14 +432,24 @@ PYBIND11_MODULE(_core, m) {
       [](int64_t megabytes, int repeats, int threads) {
         // Best of `repeats` timed passes of every thread reading its share of a buffer far larger than the
         // caches; returns bytes per second.
+        // The buffer is backed by huge pages where the OS allows it, as numpy's large arrays (the weights) are:
+        // with 4 KiB pages the hardware prefetchers stop at every page boundary, and the probe read 44 GB/s
+        // where decoding streamed 54 (Zen 5).
         const int64_t n = megabytes * (1 << 20) / 4;
-        std::unique_ptr<float[]> buf(new float[n]);
+        constexpr size_t kHuge = size_t{2} << 20;
+        const size_t bytes = (static_cast<size_t>(n) * 4 + kHuge - 1) / kHuge * kHuge;
+        std::unique_ptr<float, void (*)(float*)> buf(static_cast<float*>(std::aligned_alloc(kHuge, bytes)),
+                                                     [](float* p) { std::free(p); });
+        if (!buf) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+        madvise(buf.get(), bytes, MADV_HUGEPAGE);
+#endif
         double best = 0.0;
         volatile float sink = 0.0f;
         {
           py::gil_scoped_release release;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-          for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i & 7);
+          for (int64_t i = 0; i < n; ++i) buf.get()[i] = static_cast<float>(i & 7);
           const KernelTable& k = kernels();
           for (int r = 0; r < repeats; ++r) {
             const auto t0 = std::chrono::steady_clock::now();
