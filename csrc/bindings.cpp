@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 
@@ -537,11 +538,16 @@ PYBIND11_MODULE(_core, m) {
       throw std::invalid_argument("k and v must be [pos0 + T, hd]");
     FloatArray o({T, hd});
     const int n_keys = pos0 + T;
-    std::vector<float> kt(static_cast<size_t>(hd) * n_keys);  // the cache's transposed key layout
+    // The cache's blocked transposed key layout, the unused positions of the last block NaN: they must not
+    // reach any result.
+    const int blocks = (n_keys + kBlockCols - 1) / kBlockCols;
+    std::vector<float> kt(static_cast<size_t>(blocks) * hd * kBlockCols, std::numeric_limits<float>::quiet_NaN());
     for (int j = 0; j < n_keys; ++j)
-      for (int d = 0; d < hd; ++d) kt[static_cast<size_t>(d) * n_keys + j] = kk.data()[static_cast<size_t>(j) * hd + d];
+      for (int d = 0; d < hd; ++d)
+        kt[(static_cast<size_t>(j / kBlockCols) * hd + d) * kBlockCols + j % kBlockCols] =
+            kk.data()[static_cast<size_t>(j) * hd + d];
     with_isa(isa, [&](const KernelTable& t) {
-      t.attention_forward(o.mutable_data(), q.data(), kt.data(), v.data(), T, pos0, hd, hd, hd, n_keys, scale);
+      t.attention_forward(o.mutable_data(), q.data(), kt.data(), v.data(), T, pos0, hd, hd, hd, scale);
     });
     return o;
   });

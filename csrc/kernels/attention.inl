@@ -1,65 +1,89 @@
 // Causal attention for one head of one sequence, written once against `Vec`.
-// Scores and the weighted sum of V are both matrix products through matmul_forward (packed GEMM for a
-// prompt, the streaming path for one new token): S = q @ kt, masked softmax per row, then out = P @ v.
-// Query rows go in chunks of ROW_CHUNK, each against only the keys its last row can see, which skips most
-// of the masked upper triangle of a prompt. Row t sees keys 0..pos0+t; later keys in its chunk get
-// probability exactly 0, which adds nothing to the FMA chains of P @ v, so the chunking changes no bit.
-// One call is one (sequence, head) unit: the model spreads units over threads, so nothing here depends on
-// the batch or the thread count.
+// Scores and the weighted sum of V are both matrix products: S = q @ kt through matmul's direct path over the
+// blocked keys (see kernels.h; a decoding step's few rows through few_rows_product), masked softmax per row,
+// then out = P @ v. Query rows go in chunks of ROW_CHUNK, each against only the keys its last row can see,
+// which skips most of the masked upper triangle of a prompt. Row t sees keys 0..pos0+t; later keys in its
+// chunk get probability exactly 0, which adds nothing to the FMA chains of P @ v, so the chunking changes no
+// bit. One call is one (sequence, head) unit: the model spreads units over threads, so nothing here depends
+// on the batch or the thread count.
 
 constexpr int ROW_CHUNK = 64;
 
 // The two products for the few rows of a decoding step (T below the matmul's packing threshold), with the sums
-// in registers instead of the streaming matmul's buffer: dst[t][j] = sum over k of a[t][k] * b[k][j], b's rows
-// ldb apart, as one fma chain over k = 0..K-1 from zero per element, which is exactly what matmul_forward
-// computes for these shapes, so decoding one token or verifying several gives the bits a prompt chunk does.
-inline void few_rows_product(float* dst, int ldd, const float* a, int lda, const float* b, int ldb, int T, int K,
-                             int N) {
+// in registers: dst[t][j] = sum over k of a[t][k] * b[k][j] as one fma chain over k = 0..K-1 from zero per
+// element, which is exactly what matmul_forward computes for these shapes, so decoding one token or verifying
+// several gives the bits a prompt chunk does. b is row-major (rows ldb apart) or, when blocked, in the blocked
+// layout of kernels.h (column blocks of kBlockCols, each [K][kBlockCols], whole blocks allocated): a block is
+// then read front to back.
+
+// NC vectors of columns of one row, their W-wide column groups starting at bv[0..NC-1] (row k at + k * ld).
+// NC is a template argument so that the sums stay in registers (a runtime count spilled them to the stack);
+// up to 8 independent chains hide the FMA latency. TAIL: the last vector has only `rem` columns in memory
+// (row-major b); blocked b has whole blocks, so only the store is partial.
+template <int NC, bool TAIL>
+inline void few_rows_cols(float* d, const float* at, const float* const* bv, int64_t ld, int K, int rem) {
   using R = Vec::reg;
-  constexpr int W = Vec::width, NV = 4;
+  constexpr int W = Vec::width;
+  R acc[NC];
+  for (int v = 0; v < NC; ++v) acc[v] = Vec::zero();
+  for (int k = 0; k < K; ++k) {
+    const R x = Vec::set1(at[k]);
+    const int64_t off = k * ld;
+    for (int v = 0; v < NC; ++v)
+      acc[v] = Vec::fma(x, TAIL && v == NC - 1 ? Vec::load_partial(bv[v] + off, rem) : Vec::load(bv[v] + off), acc[v]);
+  }
+  for (int v = 0; v < NC - 1; ++v) Vec::store(d + v * W, acc[v]);
+  if (rem < W) Vec::store_partial(d + (NC - 1) * W, acc[NC - 1], rem);
+  else Vec::store(d + (NC - 1) * W, acc[NC - 1]);
+}
+
+template <bool TAIL>
+inline void few_rows_dispatch(int nc, float* d, const float* at, const float* const* bv, int64_t ld, int K, int rem) {
+  switch (nc) {
+    case 1: return few_rows_cols<1, TAIL>(d, at, bv, ld, K, rem);
+    case 2: return few_rows_cols<2, TAIL>(d, at, bv, ld, K, rem);
+    case 3: return few_rows_cols<3, TAIL>(d, at, bv, ld, K, rem);
+    case 4: return few_rows_cols<4, TAIL>(d, at, bv, ld, K, rem);
+    case 5: return few_rows_cols<5, TAIL>(d, at, bv, ld, K, rem);
+    case 6: return few_rows_cols<6, TAIL>(d, at, bv, ld, K, rem);
+    case 7: return few_rows_cols<7, TAIL>(d, at, bv, ld, K, rem);
+    default: return few_rows_cols<8, TAIL>(d, at, bv, ld, K, rem);
+  }
+}
+
+inline void few_rows_product(float* dst, int ldd, const float* a, int lda, const float* b, int ldb, bool blocked,
+                             int T, int K, int N) {
+  constexpr int W = Vec::width, NCMAX = 8;
+  static_assert(kBlockCols % W == 0, "a vector must not straddle two blocks");
+  const int64_t ld = blocked ? kBlockCols : ldb;
   for (int t = 0; t < T; ++t) {
     const float* at = a + static_cast<int64_t>(t) * lda;
     float* d = dst + static_cast<int64_t>(t) * ldd;
-    for (int j0 = 0; j0 < N; j0 += NV * W) {
-      const int width = N - j0 < NV * W ? N - j0 : NV * W;
-      R acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = Vec::zero();
-      if (width == NV * W) {
-        for (int k = 0; k < K; ++k) {
-          const R x = Vec::set1(at[k]);
-          const float* bk = b + static_cast<int64_t>(k) * ldb + j0;
-          for (int v = 0; v < NV; ++v) acc[v] = Vec::fma(x, Vec::load(bk + v * W), acc[v]);
-        }
-      } else {
-        for (int k = 0; k < K; ++k) {
-          const R x = Vec::set1(at[k]);
-          const float* bk = b + static_cast<int64_t>(k) * ldb + j0;
-          for (int v = 0; v * W < width; ++v) {
-            const int rem = width - v * W;
-            acc[v] = Vec::fma(x, rem >= W ? Vec::load(bk + v * W) : Vec::load_partial(bk + v * W, rem), acc[v]);
-          }
-        }
+    for (int j0 = 0; j0 < N; j0 += NCMAX * W) {
+      const int width = N - j0 < NCMAX * W ? N - j0 : NCMAX * W;
+      const int nc = (width + W - 1) / W, rem = width - (nc - 1) * W;
+      const float* bv[NCMAX];
+      for (int v = 0; v < nc; ++v) {
+        const int col = j0 + v * W;
+        bv[v] = blocked ? b + static_cast<int64_t>(col / kBlockCols) * K * kBlockCols + col % kBlockCols : b + col;
       }
-      for (int v = 0; v * W < width; ++v) {
-        const int rem = width - v * W;
-        if (rem >= W) Vec::store(d + j0 + v * W, acc[v]);
-        else Vec::store_partial(d + j0 + v * W, acc[v], rem);
-      }
+      if (!blocked && rem < W) few_rows_dispatch<true>(nc, d + j0, at, bv, ld, K, rem);
+      else few_rows_dispatch<false>(nc, d + j0, at, bv, ld, K, rem);
     }
   }
 }
 
 void attention_rows(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
-                    int ld_q, int ld_out, int ld_k, float scale) {
+                    int ld_q, int ld_out, float scale) {
   using R = Vec::reg;
   constexpr int W = Vec::width;
   const int n_keys = pos0 + T;
   float* S = scratch_floats(static_cast<int64_t>(T) * n_keys, 1);
   const bool few = T < matmul_detail::PACK_MIN_M;
   if (few)
-    few_rows_product(S, n_keys, q, ld_q, kt, ld_k, T, hd, n_keys);
+    few_rows_product(S, n_keys, q, ld_q, kt, 0, true, T, hd, n_keys);
   else
-    matmul_detail::matmul_impl<matmul_detail::F32W>(S, q, kt, false, nullptr, T, hd, n_keys, ld_q, n_keys, ld_k, false);
+    matmul_detail::matmul_impl<matmul_detail::F32W>(S, q, kt, true, nullptr, T, hd, n_keys, ld_q, n_keys, 0, false);
   const R vscale = Vec::set1(scale);
   for (int t = 0; t < T; ++t) {
     float* s = S + static_cast<int64_t>(t) * n_keys;
@@ -105,16 +129,16 @@ void attention_rows(float* out, const float* q, const float* kt, const float* v,
     for (j = valid; j < n_keys; ++j) s[j] = 0.0f;
   }
   if (few)
-    few_rows_product(out, ld_out, S, n_keys, v, hd, T, n_keys, hd);
+    few_rows_product(out, ld_out, S, n_keys, v, hd, false, T, n_keys, hd);
   else
     matmul_detail::matmul_impl<matmul_detail::F32W>(out, S, v, false, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
 }
 
 void attention_forward(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
-                       int ld_q, int ld_out, int ld_k, float scale) {
+                       int ld_q, int ld_out, float scale) {
   for (int t0 = 0; t0 < T; t0 += ROW_CHUNK) {
     const int rows = T - t0 < ROW_CHUNK ? T - t0 : ROW_CHUNK;
     attention_rows(out + static_cast<int64_t>(t0) * ld_out, q + static_cast<int64_t>(t0) * ld_q, kt, v, rows,
-                   pos0 + t0, hd, ld_q, ld_out, ld_k, scale);
+                   pos0 + t0, hd, ld_q, ld_out, scale);
   }
 }

@@ -51,10 +51,13 @@ struct KernelTable {
   void (*activation_forward)(float* x, int64_t n, Activation act);
   // One attention head of one sequence, for T new query rows whose first row sits at position pos0:
   // out[t, :hd] = softmax(scale * q[t] . k[0..pos0+t]) @ v[0..pos0+t]. q and out rows are ld_q / ld_out
-  // apart. Keys come transposed, kt[hd][ld_k] (key j of dimension d at kt[d * ld_k + j]), so that the scores
-  // are a matrix product; v is [pos0 + T][hd].
+  // apart. Keys come transposed in the blocked layout of a [hd, positions] weight: blocks of kBlockCols
+  // positions, each a contiguous [hd][kBlockCols] run (key j of dimension d at
+  // kt[(j / 64 * hd + d) * 64 + j % 64]), so that the scores are a direct-path matrix product and a decoding
+  // step streams each block front to back; positions past pos0 + T in the last block are never used (any
+  // values). v is [pos0 + T][hd].
   void (*attention_forward)(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
-                            int ld_q, int ld_out, int ld_k, float scale);
+                            int ld_q, int ld_out, float scale);
   // max and log(sum(exp(x - max))) of n values: the log-softmax normaliser of a logits row.
   void (*logsumexp)(const float* x, int n, float* max_out, float* lse_out);
   // Sum of n floats, read as fast as the core can load them (the bandwidth probe's inner loop).

@@ -61,11 +61,12 @@ void embedding_row(float* out, const WeightView& wte, int32_t token, int C, int 
 }  // namespace
 
 KVCache::KVCache(const GPT2Config& config, int capacity)
-    : n_layer_(config.n_layer), n_head_(config.n_head), head_dim_(config.head_dim()), capacity_(capacity) {
+    : n_layer_(config.n_layer), n_head_(config.n_head), head_dim_(config.head_dim()), capacity_(capacity),
+      padded_capacity_((capacity + kBlockCols - 1) / kBlockCols * kBlockCols) {
   if (capacity <= 0 || capacity > config.n_positions)
     throw std::length_error("KV cache capacity " + std::to_string(capacity) + " is outside 1.." +
                             std::to_string(config.n_positions) + " (n_positions)");
-  const int64_t n = static_cast<int64_t>(n_layer_) * n_head_ * capacity_ * head_dim_;
+  const int64_t n = static_cast<int64_t>(n_layer_) * n_head_ * padded_capacity_ * head_dim_;
   k_.reset(new float[n]);
   v_.reset(new float[n]);
 }
@@ -80,11 +81,14 @@ void KVCache::copy_prefix_from(const KVCache& other, int n) {
   if (other.n_layer_ != n_layer_ || other.n_head_ != n_head_ || other.head_dim_ != head_dim_)
     throw std::invalid_argument("KV caches of different models");
   if (n > other.length_ || n > capacity_) throw std::length_error("prefix longer than the cache");
+  const int64_t block = static_cast<int64_t>(head_dim_) * kBlockCols;  // the same in both caches
   for (int l = 0; l < n_layer_; ++l)
     for (int h = 0; h < n_head_; ++h) {
-      for (int d = 0; d < head_dim_; ++d)
-        std::memcpy(keys(l, h) + static_cast<int64_t>(d) * capacity_,
-                    other.keys(l, h) + static_cast<int64_t>(d) * other.capacity_, sizeof(float) * n);
+      const int whole = n / kBlockCols, rest = n % kBlockCols;
+      std::memcpy(keys(l, h), other.keys(l, h), sizeof(float) * whole * block);
+      for (int d = 0; rest > 0 && d < head_dim_; ++d)
+        std::memcpy(keys(l, h) + whole * block + d * kBlockCols, other.keys(l, h) + whole * block + d * kBlockCols,
+                    sizeof(float) * rest);
       std::memcpy(values(l, h), other.values(l, h), sizeof(float) * n * head_dim_);
     }
   length_ = n;
@@ -163,6 +167,24 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       for (int t0 = 0; t0 < items[i].n_tokens; t0 += kRowsPerUnit)
         units.push_back({static_cast<int>(i), h, t0, std::min(kRowsPerUnit, items[i].n_tokens - t0)});
   const int n_units = static_cast<int>(units.size());
+  // Decoding a batch, a unit's keys and values are a few tens of KB that the other sequences have evicted since
+  // the last step (all of them: 85 MB a step for 16 sequences of gpt2 at 72 positions), and each is a fresh
+  // stream the hardware prefetcher ramps up on late; so a thread asks for its next unit's lines (only those
+  // attention reads) while it computes this one. Measured on gpt2 int8, batch 16: +3% tokens per second.
+  bool decoding = true;
+  for (const Unit& un : units) decoding = decoding && un.rows < 8;
+  auto prefetch_unit = [&](const Unit& un, int layer) {
+    const auto& it = items[un.item];
+    const int n_keys = it.cache->length() + un.t0 + un.rows;
+    const char* k = reinterpret_cast<const char*>(it.cache->keys(layer, un.head));
+    const char* v = reinterpret_cast<const char*>(it.cache->values(layer, un.head));
+    for (int j0 = 0; j0 < n_keys; j0 += kBlockCols) {  // each key block: its rows' first n_keys - j0 columns
+      const int64_t row_bytes = static_cast<int64_t>(std::min(kBlockCols, n_keys - j0)) * 4;
+      for (int d = 0; d < hd; ++d)
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(k + (j0 * hd + d * kBlockCols) * 4 + b, 0, 2);
+    }
+    for (int64_t b = 0; b < static_cast<int64_t>(n_keys) * hd * 4; b += 64) __builtin_prefetch(v + b, 0, 2);
+  };
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& w = weights_.layers[l];
     K.layernorm_forward(ln.data(), x.data(), w.ln_1_weight, w.ln_1_bias, M, C, c.layer_norm_epsilon);
@@ -174,27 +196,39 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
     for (int task = 0; task < n_kv; ++task) {
       const int i = task / H, h = task % H;
       const auto& it = items[i];
-      const int cap = it.cache->capacity();
-      float* kt = it.cache->keys(l, h);  // transposed: [head_dim][capacity]
+      float* kt = it.cache->keys(l, h);  // transposed in blocks: [capacity / 64][head_dim][64]
       float* vc = it.cache->values(l, h);
       for (int t = 0; t < it.n_tokens; ++t) {
         const float* row = qkv.data() + static_cast<int64_t>(item_row0[i] + t) * 3 * C;
         const int pos = it.cache->length() + t;
         const float* krow = row + C + h * hd;
-        for (int d = 0; d < hd; ++d) kt[static_cast<int64_t>(d) * cap + pos] = krow[d];
+        float* kcol = kt + static_cast<int64_t>(pos / kBlockCols) * hd * kBlockCols + pos % kBlockCols;
+        for (int d = 0; d < hd; ++d) kcol[static_cast<int64_t>(d) * kBlockCols] = krow[d];
         std::memcpy(vc + static_cast<int64_t>(pos) * hd, row + 2 * C + h * hd, sizeof(float) * hd);
       }
     }
     float scale = c.scale_attn_weights ? 1.0f / std::sqrt(static_cast<float>(hd)) : 1.0f;
     if (c.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
-#pragma omp parallel for schedule(dynamic, 1) if (n_units > 1)
-    for (int u = 0; u < n_units; ++u) {
+    auto run_unit = [&](int u) {
       const Unit& un = units[u];
       const auto& it = items[un.item];
       const int64_t r0 = item_row0[un.item] + un.t0;
       K.attention_forward(att.data() + r0 * C + un.head * hd, qkv.data() + r0 * 3 * C + un.head * hd,
                           it.cache->keys(l, un.head), it.cache->values(l, un.head), un.rows,
-                          it.cache->length() + un.t0, hd, 3 * C, C, it.cache->capacity(), scale);
+                          it.cache->length() + un.t0, hd, 3 * C, C, scale);
+    };
+    if (decoding) {  // units of equal cost: each thread takes every nt-th, prefetching its next one
+#pragma omp parallel if (n_units > 1)
+      {
+        const int nt = thread_count();
+        for (int u = thread_index(); u < n_units; u += nt) {
+          if (u + nt < n_units) prefetch_unit(units[u + nt], l);
+          run_unit(u);
+        }
+      }
+    } else {  // a prompt's chunks cost more the later they sit: taken as threads come free
+#pragma omp parallel for schedule(dynamic, 1) if (n_units > 1)
+      for (int u = 0; u < n_units; ++u) run_unit(u);
     }
     K.matmul_forward(x.data(), att.data(), w.attn_proj_weight, w.attn_proj_bias, M, C, C, C, C, C, true);
     K.layernorm_forward(ln.data(), x.data(), w.ln_2_weight, w.ln_2_bias, M, C, c.layer_norm_epsilon);

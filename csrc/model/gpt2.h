@@ -49,9 +49,11 @@ struct GPT2Weights {
   WeightView lm_head;  // as wte; == wte when tied
 };
 
-// Keys and values of one sequence, per layer and head: keys transposed [head_dim][capacity] (the scores
-// q @ K^T are then a plain matrix product over contiguous rows), values [capacity][head_dim]. length is how
-// many positions are filled.
+// Keys and values of one sequence, per layer and head: keys transposed in blocks of kBlockCols positions,
+// [capacity / 64][head_dim][64] (the layout attention_forward reads: the scores q @ K^T are a direct-path
+// matrix product, and a decoding step streams each block front to back instead of gathering head_dim short
+// rows), values [capacity][head_dim]. The capacity is rounded up to whole blocks. length is how many positions
+// are filled.
 class KVCache {
  public:
   KVCache(const GPT2Config& config, int capacity);
@@ -69,9 +71,9 @@ class KVCache {
 
  private:
   int64_t offset(int layer, int head) const {
-    return ((static_cast<int64_t>(layer) * n_head_ + head) * capacity_) * head_dim_;
+    return ((static_cast<int64_t>(layer) * n_head_ + head) * padded_capacity_) * head_dim_;
   }
-  int n_layer_, n_head_, head_dim_, capacity_, length_ = 0;
+  int n_layer_, n_head_, head_dim_, capacity_, padded_capacity_, length_ = 0;
   std::unique_ptr<float[]> k_, v_;
 };
 
