@@ -177,6 +177,11 @@ GPT2Config config_from(const py::dict& d) {
   c.n_inner = d["n_inner"].cast<int>();
   c.layer_norm_epsilon = d["layer_norm_epsilon"].cast<float>();
   c.activation = parse_activation(d["activation_function"].cast<std::string>());
+  if (d.contains("kv_cache_dtype")) {
+    const std::string kv = d["kv_cache_dtype"].cast<std::string>();
+    if (kv != "fp32" && kv != "fp16") throw std::invalid_argument("kv_cache_dtype must be 'fp32' or 'fp16', got '" + kv + "'");
+    c.kv_dtype = kv == "fp16" ? DType::f16 : DType::f32;
+  }
   c.scale_attn_weights = d["scale_attn_weights"].cast<bool>();
   c.scale_attn_by_inverse_layer_idx = d["scale_attn_by_inverse_layer_idx"].cast<bool>();
   return c;
@@ -530,12 +535,15 @@ PYBIND11_MODULE(_core, m) {
     with_isa(isa, [&](const KernelTable& t) { t.activation_forward(o.mutable_data(), x.size(), parse_activation(act)); });
     return o;
   });
-  k.def("attention", [](const std::string& isa, FloatArray q, FloatArray kk, FloatArray v, int pos0, float scale) {
-    // q [T, hd]; k, v [pos0 + T, hd]
+  k.def("attention", [](const std::string& isa, FloatArray q, FloatArray kk, FloatArray v, int pos0, float scale,
+                        const std::string& kv_dtype) {
+    // q [T, hd]; k, v [pos0 + T, hd]; kv_dtype "fp32" or "fp16" (k and v rounded to half, as the cache does)
     const int T = static_cast<int>(q.shape(0)), hd = static_cast<int>(q.shape(1));
     if (kk.ndim() != 2 || v.ndim() != 2 || kk.shape(0) != pos0 + T || v.shape(0) != pos0 + T || kk.shape(1) != hd ||
         v.shape(1) != hd)
       throw std::invalid_argument("k and v must be [pos0 + T, hd]");
+    if (kv_dtype != "fp32" && kv_dtype != "fp16") throw std::invalid_argument("kv_dtype must be fp32 or fp16");
+    const bool half = kv_dtype == "fp16";
     FloatArray o({T, hd});
     const int n_keys = pos0 + T;
     // The cache's blocked transposed key layout, the unused positions of the last block NaN: they must not
@@ -546,10 +554,25 @@ PYBIND11_MODULE(_core, m) {
       for (int d = 0; d < hd; ++d)
         kt[(static_cast<size_t>(j / kBlockCols) * hd + d) * kBlockCols + j % kBlockCols] =
             kk.data()[static_cast<size_t>(j) * hd + d];
+    std::vector<uint16_t> kt16(kt.size()), v16(static_cast<size_t>(v.size()));
     with_isa(isa, [&](const KernelTable& t) {
-      t.attention_forward(o.mutable_data(), q.data(), kt.data(), v.data(), T, pos0, hd, hd, hd, scale);
+      if (half) {
+        t.to_f16(kt16.data(), kt.data(), static_cast<int>(kt.size()));
+        t.to_f16(v16.data(), v.data(), static_cast<int>(v.size()));
+      }
+      t.attention_forward(o.mutable_data(), q.data(), half ? static_cast<const void*>(kt16.data()) : kt.data(),
+                          half ? static_cast<const void*>(v16.data()) : v.data(), half ? DType::f16 : DType::f32,
+                          T, pos0, hd, hd, hd, scale);
     });
     return o;
+  }, py::arg("isa"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"), py::arg("scale"),
+     py::arg("kv_dtype") = "fp32");
+  // to_f16: float32 -> IEEE half bits (uint16), rounded to nearest even; and max |x|.
+  k.def("to_f16", [](const std::string& isa, FloatArray x) {
+    py::array_t<uint16_t> o(x.size());
+    float mx = 0;
+    with_isa(isa, [&](const KernelTable& t) { mx = t.to_f16(o.mutable_data(), x.data(), static_cast<int>(x.size())); });
+    return py::make_tuple(o, mx);
   });
   k.def("logsumexp", [](const std::string& isa, FloatArray x) {
     float mx = 0, lse = 0;

@@ -72,7 +72,9 @@ def test_quantize_command(model_dir, tmp_path):
     r = run("quantize", model_dir, str(tmp_path / "q"), "--dtype", "int8")
     assert r.returncode == 0, r.stderr
     r = run("info", "--model", str(tmp_path / "q"))
-    assert "dtype: int8" in r.stdout, r.stdout + r.stderr
+    assert "dtype: int8, KV cache: fp16" in r.stdout, r.stdout + r.stderr
+    r = run("info", "--model", str(tmp_path / "q"), "--kv-cache-dtype", "fp32")
+    assert "dtype: int8, KV cache: fp32" in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("args,message", [

@@ -330,16 +330,42 @@ def attention_ref(q, k, v, pos0, scale):
     return p @ v
 
 
+@pytest.mark.parametrize("kv", ("fp32", "fp16"))
 @pytest.mark.parametrize("hd", (8, 24, 64, 100))
 @pytest.mark.parametrize("T,pos0", [(1, 0), (1, 9), (5, 0), (7, 3), (13, 50), (64, 0), (70, 0), (66, 130)])
-def test_attention_against_numpy(isa, hd, T, pos0):
+def test_attention_against_numpy(isa, hd, T, pos0, kv):
+    """fp16: the cache rounds keys and values to half, and the kernel computes in float32 from them exactly."""
     rng = np.random.default_rng(hd * 1000 + T * 10 + pos0)
     q, k, v = rand(rng, T, hd, scale=2.0), rand(rng, pos0 + T, hd, scale=2.0), rand(rng, pos0 + T, hd)
+    kr, vr = (k.astype(np.float16), v.astype(np.float16)) if kv == "fp16" else (k, v)
     for scale in (1 / math.sqrt(hd), 1.0, 0.37):
-        got = K_.attention(isa, q, k, v, pos0, scale)
+        got = K_.attention(isa, q, k, v, pos0, scale, kv)
         assert got.shape == (T, hd) and got.dtype == np.float32
-        ref = attention_ref(q, k, v, pos0, scale)
+        ref = attention_ref(q, kr, vr, pos0, scale)
         np.testing.assert_allclose(got, ref, rtol=RTOL, atol=RTOL * np.abs(v).max(), err_msg=f"scale={scale}")
+    if kv == "fp16":  # and not the float32 keys: the rounding is real
+        exact = attention_ref(q, k, v, pos0, 1.0)
+        assert np.abs(K_.attention(isa, q, k, v, pos0, 1.0, kv) - exact).max() > 1e-6
+
+
+def test_to_f16_rounds_as_numpy(isa):
+    """Every level's float32 -> half conversion (F16C's vcvtps2ph, or the portable one) rounds to nearest even
+    like numpy: ties, subnormals, the overflow edge, infinities and NaN; and reports max |x|."""
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e6, np.inf, -np.inf, 2.0 ** -24,
+                        2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14, 2.0 ** -14 - 2.0 ** -25, 1e-30, -1e-9, 0.1, 1 / 3],
+                       dtype=np.float32)
+    # ties: float32 values exactly halfway between two halves, around 1 and among the subnormals
+    ties = np.concatenate([(1 + (np.arange(40) + 0.5) * 2.0 ** -10), (np.arange(40) + 0.5) * 2.0 ** -24]).astype(np.float32)
+    x = np.concatenate([special, ties, rng.standard_normal(3001).astype(np.float32) * 10.0 ** rng.integers(-9, 5, 3001)])
+    x = x.astype(np.float32)
+    bits, mx = K_.to_f16(isa, x)
+    with np.errstate(over="ignore"):  # the values beyond half's range become infinity, as they must
+        want = x.astype(np.float16).view(np.uint16)
+    assert np.array_equal(bits, want), np.flatnonzero(bits != want)[:5]
+    nan_bits, _ = K_.to_f16(isa, np.array([np.nan] * 9, np.float32))
+    assert np.isnan(nan_bits.view(np.float16)).all()
+    assert mx == np.abs(x).max()
 
 
 def test_attention_is_causal(isa):

@@ -23,6 +23,9 @@ struct Vec {
   static inline void store_partial(float* p, reg a, int n) { _mm256_maskstore_ps(p, tail_mask(n), a); }
   // Weights stored narrower than float32, widened exactly on load (F16C for fp16).
   static inline reg load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static inline void store_f16(uint16_t* p, reg a) {  // rounded to nearest even
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
   static inline reg load_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   }

@@ -27,6 +27,7 @@ struct Vec {
   static inline reg load_f16_partial(const uint16_t* p, int n) { reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = gptcpp::f16_to_f32(p[i]); return r; }
   static inline reg load_bf16_partial(const uint16_t* p, int n) { reg r = zero(); for (int i = 0; i < n; ++i) r.v[i] = gptcpp::bf16_to_f32(p[i]); return r; }
   static inline reg load_f16(const uint16_t* p) { return load_f16_partial(p, 8); }
+  static inline void store_f16(uint16_t* p, reg a) { for (int i = 0; i < 8; ++i) p[i] = gptcpp::f32_to_f16(a.v[i]); }
   static inline reg load_bf16(const uint16_t* p) { return load_bf16_partial(p, 8); }
 #define GPTCPP_VEC_BINOP(name, expr) \
   static inline reg name(reg a, reg b) { reg r; for (int i = 0; i < 8; ++i) { float x = a.v[i], y = b.v[i]; r.v[i] = (expr); } return r; }

@@ -1,4 +1,5 @@
-// Causal attention for one head of one sequence, written once against `Vec`.
+// Causal attention for one head of one sequence, written once against `Vec`. Keys and values are float32 or
+// IEEE half (the KV cache of the narrow weight formats), read through matmul's weight readers.
 // Scores and the weighted sum of V are both matrix products: S = q @ kt through matmul's direct path over the
 // blocked keys (see kernels.h; a decoding step's few rows through few_rows_product), masked softmax per row,
 // then out = P @ v. Query rows go in chunks of ROW_CHUNK, each against only the keys its last row can see,
@@ -20,8 +21,8 @@ constexpr int ROW_CHUNK = 64;
 // NC is a template argument so that the sums stay in registers (a runtime count spilled them to the stack);
 // up to 8 independent chains hide the FMA latency. TAIL: the last vector has only `rem` columns in memory
 // (row-major b); blocked b has whole blocks, so only the store is partial.
-template <int NC, bool TAIL>
-inline void few_rows_cols(float* d, const float* at, const float* const* bv, int64_t ld, int K, int rem) {
+template <class WR, int NC, bool TAIL>
+inline void few_rows_cols(float* d, const float* at, const typename WR::T* const* bv, int64_t ld, int K, int rem) {
   using R = Vec::reg;
   constexpr int W = Vec::width;
   R acc[NC];
@@ -30,29 +31,31 @@ inline void few_rows_cols(float* d, const float* at, const float* const* bv, int
     const R x = Vec::set1(at[k]);
     const int64_t off = k * ld;
     for (int v = 0; v < NC; ++v)
-      acc[v] = Vec::fma(x, TAIL && v == NC - 1 ? Vec::load_partial(bv[v] + off, rem) : Vec::load(bv[v] + off), acc[v]);
+      acc[v] = Vec::fma(x, TAIL && v == NC - 1 ? WR::load_partial(bv[v] + off, rem) : WR::load(bv[v] + off), acc[v]);
   }
   for (int v = 0; v < NC - 1; ++v) Vec::store(d + v * W, acc[v]);
   if (rem < W) Vec::store_partial(d + (NC - 1) * W, acc[NC - 1], rem);
   else Vec::store(d + (NC - 1) * W, acc[NC - 1]);
 }
 
-template <bool TAIL>
-inline void few_rows_dispatch(int nc, float* d, const float* at, const float* const* bv, int64_t ld, int K, int rem) {
+template <class WR, bool TAIL>
+inline void few_rows_dispatch(int nc, float* d, const float* at, const typename WR::T* const* bv, int64_t ld, int K,
+                              int rem) {
   switch (nc) {
-    case 1: return few_rows_cols<1, TAIL>(d, at, bv, ld, K, rem);
-    case 2: return few_rows_cols<2, TAIL>(d, at, bv, ld, K, rem);
-    case 3: return few_rows_cols<3, TAIL>(d, at, bv, ld, K, rem);
-    case 4: return few_rows_cols<4, TAIL>(d, at, bv, ld, K, rem);
-    case 5: return few_rows_cols<5, TAIL>(d, at, bv, ld, K, rem);
-    case 6: return few_rows_cols<6, TAIL>(d, at, bv, ld, K, rem);
-    case 7: return few_rows_cols<7, TAIL>(d, at, bv, ld, K, rem);
-    default: return few_rows_cols<8, TAIL>(d, at, bv, ld, K, rem);
+    case 1: return few_rows_cols<WR, 1, TAIL>(d, at, bv, ld, K, rem);
+    case 2: return few_rows_cols<WR, 2, TAIL>(d, at, bv, ld, K, rem);
+    case 3: return few_rows_cols<WR, 3, TAIL>(d, at, bv, ld, K, rem);
+    case 4: return few_rows_cols<WR, 4, TAIL>(d, at, bv, ld, K, rem);
+    case 5: return few_rows_cols<WR, 5, TAIL>(d, at, bv, ld, K, rem);
+    case 6: return few_rows_cols<WR, 6, TAIL>(d, at, bv, ld, K, rem);
+    case 7: return few_rows_cols<WR, 7, TAIL>(d, at, bv, ld, K, rem);
+    default: return few_rows_cols<WR, 8, TAIL>(d, at, bv, ld, K, rem);
   }
 }
 
-inline void few_rows_product(float* dst, int ldd, const float* a, int lda, const float* b, int ldb, bool blocked,
-                             int T, int K, int N) {
+template <class WR>
+inline void few_rows_product(float* dst, int ldd, const float* a, int lda, const typename WR::T* b, int ldb,
+                             bool blocked, int T, int K, int N) {
   constexpr int W = Vec::width, NCMAX = 8;
   static_assert(kBlockCols % W == 0, "a vector must not straddle two blocks");
   const int64_t ld = blocked ? kBlockCols : ldb;
@@ -62,28 +65,29 @@ inline void few_rows_product(float* dst, int ldd, const float* a, int lda, const
     for (int j0 = 0; j0 < N; j0 += NCMAX * W) {
       const int width = N - j0 < NCMAX * W ? N - j0 : NCMAX * W;
       const int nc = (width + W - 1) / W, rem = width - (nc - 1) * W;
-      const float* bv[NCMAX];
+      const typename WR::T* bv[NCMAX];
       for (int v = 0; v < nc; ++v) {
         const int col = j0 + v * W;
         bv[v] = blocked ? b + static_cast<int64_t>(col / kBlockCols) * K * kBlockCols + col % kBlockCols : b + col;
       }
-      if (!blocked && rem < W) few_rows_dispatch<true>(nc, d + j0, at, bv, ld, K, rem);
-      else few_rows_dispatch<false>(nc, d + j0, at, bv, ld, K, rem);
+      if (!blocked && rem < W) few_rows_dispatch<WR, true>(nc, d + j0, at, bv, ld, K, rem);
+      else few_rows_dispatch<WR, false>(nc, d + j0, at, bv, ld, K, rem);
     }
   }
 }
 
-void attention_rows(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
-                    int ld_q, int ld_out, float scale) {
+template <class WR>
+void attention_rows(float* out, const float* q, const typename WR::T* kt, const typename WR::T* v, int T, int pos0,
+                    int hd, int ld_q, int ld_out, float scale) {
   using R = Vec::reg;
   constexpr int W = Vec::width;
   const int n_keys = pos0 + T;
   float* S = scratch_floats(static_cast<int64_t>(T) * n_keys, 1);
   const bool few = T < matmul_detail::PACK_MIN_M;
   if (few)
-    few_rows_product(S, n_keys, q, ld_q, kt, 0, true, T, hd, n_keys);
+    few_rows_product<WR>(S, n_keys, q, ld_q, kt, 0, true, T, hd, n_keys);
   else
-    matmul_detail::matmul_impl<matmul_detail::F32W>(S, q, kt, true, nullptr, T, hd, n_keys, ld_q, n_keys, 0, false);
+    matmul_detail::matmul_impl<WR>(S, q, kt, true, nullptr, T, hd, n_keys, ld_q, n_keys, 0, false);
   const R vscale = Vec::set1(scale);
   for (int t = 0; t < T; ++t) {
     float* s = S + static_cast<int64_t>(t) * n_keys;
@@ -129,16 +133,46 @@ void attention_rows(float* out, const float* q, const float* kt, const float* v,
     for (j = valid; j < n_keys; ++j) s[j] = 0.0f;
   }
   if (few)
-    few_rows_product(out, ld_out, S, n_keys, v, hd, false, T, n_keys, hd);
+    few_rows_product<WR>(out, ld_out, S, n_keys, v, hd, false, T, n_keys, hd);
   else
-    matmul_detail::matmul_impl<matmul_detail::F32W>(out, S, v, false, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
+    matmul_detail::matmul_impl<WR>(out, S, v, false, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
 }
 
-void attention_forward(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
-                       int ld_q, int ld_out, float scale) {
+template <class WR>
+void attention_chunks(float* out, const float* q, const typename WR::T* kt, const typename WR::T* v, int T, int pos0,
+                      int hd, int ld_q, int ld_out, float scale) {
   for (int t0 = 0; t0 < T; t0 += ROW_CHUNK) {
     const int rows = T - t0 < ROW_CHUNK ? T - t0 : ROW_CHUNK;
-    attention_rows(out + static_cast<int64_t>(t0) * ld_out, q + static_cast<int64_t>(t0) * ld_q, kt, v, rows,
-                   pos0 + t0, hd, ld_q, ld_out, scale);
+    attention_rows<WR>(out + static_cast<int64_t>(t0) * ld_out, q + static_cast<int64_t>(t0) * ld_q, kt, v, rows,
+                       pos0 + t0, hd, ld_q, ld_out, scale);
   }
+}
+
+void attention_forward(float* out, const float* q, const void* kt, const void* v, DType kv, int T, int pos0, int hd,
+                       int ld_q, int ld_out, float scale) {
+  if (kv == DType::f16)
+    return attention_chunks<matmul_detail::F16W>(out, q, static_cast<const uint16_t*>(kt),
+                                                 static_cast<const uint16_t*>(v), T, pos0, hd, ld_q, ld_out, scale);
+  attention_chunks<matmul_detail::F32W>(out, q, static_cast<const float*>(kt), static_cast<const float*>(v), T, pos0,
+                                        hd, ld_q, ld_out, scale);
+}
+
+// out[0..n) = in rounded to IEEE half (nearest even, as every level rounds); returns max |in|, so that the
+// caller can tell when a value did not fit (65520 and up round to infinity).
+float to_f16(uint16_t* out, const float* in, int n) {
+  using R = Vec::reg;
+  constexpr int W = Vec::width;
+  R mx = Vec::zero();
+  int i = 0;
+  for (; i + W <= n; i += W) {
+    const R x = Vec::load(in + i);
+    mx = Vec::max(mx, Vec::abs(x));
+    Vec::store_f16(out + i, x);
+  }
+  float m = Vec::reduce_max(mx);
+  for (; i < n; ++i) {
+    out[i] = f32_to_f16(in[i]);
+    m = std::fabs(in[i]) > m ? std::fabs(in[i]) : m;
+  }
+  return m;
 }

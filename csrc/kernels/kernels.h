@@ -55,9 +55,11 @@ struct KernelTable {
   // positions, each a contiguous [hd][kBlockCols] run (key j of dimension d at
   // kt[(j / 64 * hd + d) * 64 + j % 64]), so that the scores are a direct-path matrix product and a decoding
   // step streams each block front to back; positions past pos0 + T in the last block are never used (any
-  // values). v is [pos0 + T][hd].
-  void (*attention_forward)(float* out, const float* q, const float* kt, const float* v, int T, int pos0, int hd,
-                            int ld_q, int ld_out, float scale);
+  // values). v is [pos0 + T][hd]. Both are float32 (kv f32) or IEEE half (kv f16), widened exactly on load.
+  void (*attention_forward)(float* out, const float* q, const void* kt, const void* v, DType kv, int T, int pos0,
+                            int hd, int ld_q, int ld_out, float scale);
+  // out[0..n) = in rounded to IEEE half, nearest even; returns max |in| (65520 and up became infinity).
+  float (*to_f16)(uint16_t* out, const float* in, int n);
   // max and log(sum(exp(x - max))) of n values: the log-softmax normaliser of a logits row.
   void (*logsumexp)(const float* x, int n, float* max_out, float* lse_out);
   // Sum of n floats, read as fast as the core can load them (the bandwidth probe's inner loop).

@@ -62,13 +62,15 @@ void embedding_row(float* out, const WeightView& wte, int32_t token, int C, int 
 
 KVCache::KVCache(const GPT2Config& config, int capacity)
     : n_layer_(config.n_layer), n_head_(config.n_head), head_dim_(config.head_dim()), capacity_(capacity),
-      padded_capacity_((capacity + kBlockCols - 1) / kBlockCols * kBlockCols) {
+      padded_capacity_((capacity + kBlockCols - 1) / kBlockCols * kBlockCols), dtype_(config.kv_dtype),
+      elem_(config.kv_dtype == DType::f16 ? 2 : 4) {
   if (capacity <= 0 || capacity > config.n_positions)
     throw std::length_error("KV cache capacity " + std::to_string(capacity) + " is outside 1.." +
                             std::to_string(config.n_positions) + " (n_positions)");
-  const int64_t n = static_cast<int64_t>(n_layer_) * n_head_ * padded_capacity_ * head_dim_;
-  k_.reset(new float[n]);
-  v_.reset(new float[n]);
+  if (dtype_ != DType::f32 && dtype_ != DType::f16) throw std::invalid_argument("a KV cache holds f32 or f16");
+  const int64_t bytes = static_cast<int64_t>(n_layer_) * n_head_ * padded_capacity_ * head_dim_ * elem_;
+  k_.reset(new char[bytes]);
+  v_.reset(new char[bytes]);
 }
 
 void KVCache::truncate(int n) {
@@ -78,18 +80,20 @@ void KVCache::truncate(int n) {
 }
 
 void KVCache::copy_prefix_from(const KVCache& other, int n) {
-  if (other.n_layer_ != n_layer_ || other.n_head_ != n_head_ || other.head_dim_ != head_dim_)
+  if (other.n_layer_ != n_layer_ || other.n_head_ != n_head_ || other.head_dim_ != head_dim_ || other.dtype_ != dtype_)
     throw std::invalid_argument("KV caches of different models");
   if (n > other.length_ || n > capacity_) throw std::length_error("prefix longer than the cache");
-  const int64_t block = static_cast<int64_t>(head_dim_) * kBlockCols;  // the same in both caches
+  const int64_t block = static_cast<int64_t>(head_dim_) * kBlockCols * elem_;  // bytes, the same in both caches
+  const int whole = n / kBlockCols, rest = n % kBlockCols;
   for (int l = 0; l < n_layer_; ++l)
     for (int h = 0; h < n_head_; ++h) {
-      const int whole = n / kBlockCols, rest = n % kBlockCols;
-      std::memcpy(keys(l, h), other.keys(l, h), sizeof(float) * whole * block);
+      char* k = static_cast<char*>(keys(l, h));
+      const char* src = static_cast<const char*>(other.keys(l, h));
+      std::memcpy(k, src, whole * block);
       for (int d = 0; rest > 0 && d < head_dim_; ++d)
-        std::memcpy(keys(l, h) + whole * block + d * kBlockCols, other.keys(l, h) + whole * block + d * kBlockCols,
-                    sizeof(float) * rest);
-      std::memcpy(values(l, h), other.values(l, h), sizeof(float) * n * head_dim_);
+        std::memcpy(k + whole * block + d * kBlockCols * elem_, src + whole * block + d * kBlockCols * elem_,
+                    static_cast<size_t>(rest) * elem_);
+      std::memcpy(values(l, h), other.values(l, h), static_cast<size_t>(n) * head_dim_ * elem_);
     }
   length_ = n;
 }
@@ -173,17 +177,19 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
   // attention reads) while it computes this one. Measured on gpt2 int8, batch 16: +3% tokens per second.
   bool decoding = true;
   for (const Unit& un : units) decoding = decoding && un.rows < 8;
+  const int elem = c.kv_dtype == DType::f16 ? 2 : 4;
   auto prefetch_unit = [&](const Unit& un, int layer) {
     const auto& it = items[un.item];
     const int n_keys = it.cache->length() + un.t0 + un.rows;
-    const char* k = reinterpret_cast<const char*>(it.cache->keys(layer, un.head));
-    const char* v = reinterpret_cast<const char*>(it.cache->values(layer, un.head));
+    const char* k = static_cast<const char*>(it.cache->keys(layer, un.head));
+    const char* v = static_cast<const char*>(it.cache->values(layer, un.head));
     for (int j0 = 0; j0 < n_keys; j0 += kBlockCols) {  // each key block: its rows' first n_keys - j0 columns
-      const int64_t row_bytes = static_cast<int64_t>(std::min(kBlockCols, n_keys - j0)) * 4;
+      const int64_t row_bytes = static_cast<int64_t>(std::min(kBlockCols, n_keys - j0)) * elem;
       for (int d = 0; d < hd; ++d)
-        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(k + (j0 * hd + d * kBlockCols) * 4 + b, 0, 2);
+        for (int64_t b = 0; b < row_bytes; b += 64)
+          __builtin_prefetch(k + static_cast<int64_t>(j0 * hd + d * kBlockCols) * elem + b, 0, 2);
     }
-    for (int64_t b = 0; b < static_cast<int64_t>(n_keys) * hd * 4; b += 64) __builtin_prefetch(v + b, 0, 2);
+    for (int64_t b = 0; b < static_cast<int64_t>(n_keys) * hd * elem; b += 64) __builtin_prefetch(v + b, 0, 2);
   };
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& w = weights_.layers[l];
@@ -192,21 +198,40 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
     // Append this layer's new keys and values to each sequence's cache, one (sequence, head) per task: for
     // a long prompt the transposed key writes are scattered enough to be worth both cores.
     const int n_kv = static_cast<int>(items.size()) * H;
-#pragma omp parallel for schedule(static) if (M * C > 65536)
+    const bool half = c.kv_dtype == DType::f16;
+    float kv_max = 0.0f;
+#pragma omp parallel for schedule(static) if (M * C > 65536) reduction(max : kv_max)
     for (int task = 0; task < n_kv; ++task) {
       const int i = task / H, h = task % H;
       const auto& it = items[i];
-      float* kt = it.cache->keys(l, h);  // transposed in blocks: [capacity / 64][head_dim][64]
-      float* vc = it.cache->values(l, h);
       for (int t = 0; t < it.n_tokens; ++t) {
         const float* row = qkv.data() + static_cast<int64_t>(item_row0[i] + t) * 3 * C;
         const int pos = it.cache->length() + t;
         const float* krow = row + C + h * hd;
-        float* kcol = kt + static_cast<int64_t>(pos / kBlockCols) * hd * kBlockCols + pos % kBlockCols;
-        for (int d = 0; d < hd; ++d) kcol[static_cast<int64_t>(d) * kBlockCols] = krow[d];
-        std::memcpy(vc + static_cast<int64_t>(pos) * hd, row + 2 * C + h * hd, sizeof(float) * hd);
+        const float* vrow = row + 2 * C + h * hd;
+        // Keys go to column pos % 64 of their block (transposed in blocks: [capacity / 64][head_dim][64]).
+        const int64_t kcol = static_cast<int64_t>(pos / kBlockCols) * hd * kBlockCols + pos % kBlockCols;
+        if (half) {
+          uint16_t* kt = static_cast<uint16_t*>(it.cache->keys(l, h)) + kcol;
+          for (int d0 = 0; d0 < hd; d0 += 64) {  // converted 64 at a time, then scattered down the column
+            uint16_t k16[64];
+            const int n = std::min(64, hd - d0);
+            kv_max = std::max(kv_max, K.to_f16(k16, krow + d0, n));
+            for (int d = 0; d < n; ++d) kt[static_cast<int64_t>(d0 + d) * kBlockCols] = k16[d];
+          }
+          kv_max = std::max(kv_max, K.to_f16(static_cast<uint16_t*>(it.cache->values(l, h)) +
+                                                 static_cast<int64_t>(pos) * hd, vrow, hd));
+        } else {
+          float* kt = static_cast<float*>(it.cache->keys(l, h)) + kcol;
+          for (int d = 0; d < hd; ++d) kt[static_cast<int64_t>(d) * kBlockCols] = krow[d];
+          std::memcpy(static_cast<float*>(it.cache->values(l, h)) + static_cast<int64_t>(pos) * hd, vrow,
+                      sizeof(float) * hd);
+        }
       }
     }
+    if (half && !(kv_max < 65520.0f))
+      throw std::overflow_error("a key or value of layer " + std::to_string(l) + " is " + std::to_string(kv_max) +
+                                ", beyond float16's range (65504): use kv_cache_dtype='fp32' for this model");
     float scale = c.scale_attn_weights ? 1.0f / std::sqrt(static_cast<float>(hd)) : 1.0f;
     if (c.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
     auto run_unit = [&](int u) {
@@ -214,7 +239,7 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       const auto& it = items[un.item];
       const int64_t r0 = item_row0[un.item] + un.t0;
       K.attention_forward(att.data() + r0 * C + un.head * hd, qkv.data() + r0 * 3 * C + un.head * hd,
-                          it.cache->keys(l, un.head), it.cache->values(l, un.head), un.rows,
+                          it.cache->keys(l, un.head), it.cache->values(l, un.head), c.kv_dtype, un.rows,
                           it.cache->length() + un.t0, hd, 3 * C, C, scale);
     };
     if (decoding) {  // units of equal cost: each thread takes every nt-th, prefetching its next one

@@ -24,6 +24,9 @@ struct GPT2Config {
   Activation activation = Activation::gelu_tanh;
   bool scale_attn_weights = true;
   bool scale_attn_by_inverse_layer_idx = false;
+  // How the KV cache stores keys and values: f32, or f16 (half the bytes a decoding step reads; the Python
+  // layer picks it for the narrow weight formats).
+  DType kv_dtype = DType::f32;
   int head_dim() const { return n_embd / n_head; }
 };
 
@@ -52,29 +55,32 @@ struct GPT2Weights {
 // Keys and values of one sequence, per layer and head: keys transposed in blocks of kBlockCols positions,
 // [capacity / 64][head_dim][64] (the layout attention_forward reads: the scores q @ K^T are a direct-path
 // matrix product, and a decoding step streams each block front to back instead of gathering head_dim short
-// rows), values [capacity][head_dim]. The capacity is rounded up to whole blocks. length is how many positions
-// are filled.
+// rows), values [capacity][head_dim]; elements float32 or IEEE half (config.kv_dtype). The capacity is
+// rounded up to whole blocks. length is how many positions are filled.
 class KVCache {
  public:
   KVCache(const GPT2Config& config, int capacity);
   int capacity() const { return capacity_; }
   int length() const { return length_; }
+  DType dtype() const { return dtype_; }
   // Forgets positions from n on (rollback after rejected speculation, or reuse of a shared prefix).
   void truncate(int n);
   // Copies the first n positions of other (same model) into this cache.
   void copy_prefix_from(const KVCache& other, int n);
-  float* keys(int layer, int head) { return k_.get() + offset(layer, head); }
-  float* values(int layer, int head) { return v_.get() + offset(layer, head); }
-  const float* keys(int layer, int head) const { return k_.get() + offset(layer, head); }
-  const float* values(int layer, int head) const { return v_.get() + offset(layer, head); }
+  void* keys(int layer, int head) { return k_.get() + offset(layer, head); }
+  void* values(int layer, int head) { return v_.get() + offset(layer, head); }
+  const void* keys(int layer, int head) const { return k_.get() + offset(layer, head); }
+  const void* values(int layer, int head) const { return v_.get() + offset(layer, head); }
   void set_length(int n) { length_ = n; }
 
  private:
-  int64_t offset(int layer, int head) const {
-    return ((static_cast<int64_t>(layer) * n_head_ + head) * padded_capacity_) * head_dim_;
+  int64_t offset(int layer, int head) const {  // in bytes
+    return ((static_cast<int64_t>(layer) * n_head_ + head) * padded_capacity_) * head_dim_ * elem_;
   }
   int n_layer_, n_head_, head_dim_, capacity_, padded_capacity_, length_ = 0;
-  std::unique_ptr<float[]> k_, v_;
+  DType dtype_;
+  int elem_;  // bytes per element
+  std::unique_ptr<char[]> k_, v_;
 };
 
 // One sequence's share of a forward pass: its cache, the new tokens to append, and which logits it wants.

@@ -33,12 +33,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weight format (default: fp32, or what a quantized checkpoint stores)")
+    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16"], default=None,
+                   help="KV cache storage (default: fp32 for fp32 weights, fp16 for the other formats)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
 
 
 def _load(args, **kw):
     from .model import GPT2
-    return GPT2.from_pretrained(args.model, threads=args.threads, dtype=args.dtype, **kw)
+    return GPT2.from_pretrained(args.model, threads=args.threads, dtype=args.dtype,
+                                kv_cache_dtype=getattr(args, "kv_cache_dtype", None), **kw)
 
 
 # ---- generate --------------------------------------------------------------------------------------------
@@ -177,6 +180,7 @@ def _add_info(sub):
     p = sub.add_parser("info", help="model config, weight format, instruction set, threads, bundled models")
     p.add_argument("--model", default=None, help="a model to describe (default: only the machine and the package)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16"], default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_info)
 
@@ -192,7 +196,8 @@ def cmd_info(args) -> int:
     if args.model:
         model = _load(args)
         print(f"model: {args.model}")
-        print(f"  dtype: {model.dtype}, parameters: {model.num_parameters():,}, weight bytes: {model.weight_bytes():,}")
+        print(f"  dtype: {model.dtype}, KV cache: {model.kv_cache_dtype}, parameters: {model.num_parameters():,}, "
+              f"weight bytes: {model.weight_bytes():,}")
         print(f"  threads: {model.threads}, isa: {model.isa}")
         for k, v in model.config.to_dict().items():
             print(f"  {k}: {v}")

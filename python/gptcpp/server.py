@@ -428,6 +428,8 @@ def add_parser(sub):
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (pip install '.[server]')")
     p.add_argument("--model", default="gpt2")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16"], default=None,
+                   help="KV cache storage (default: fp32 for fp32 weights, fp16 for the other formats)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -445,7 +447,7 @@ def serve(args) -> int:
         raise ImportError("the server needs the optional extra: pip install 'gptcpp[server]'") from None
     from .model import GPT2
     model = GPT2.from_pretrained(args.model, threads=args.threads, dtype=args.dtype,
-                                 prefix_cache_tokens=args.prefix_cache_tokens)
+                                 prefix_cache_tokens=args.prefix_cache_tokens, kv_cache_dtype=args.kv_cache_dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer files; the server needs text")
     app = create_app(model, os.path.basename(os.path.normpath(args.model)), args.max_batch, args.max_queue,
