@@ -2,9 +2,10 @@
 
 Measures, for a thread count: prefill of a 512-token prompt (pp512, only the last position's logits),
 decode of 128 tokens at batch 1 (tg128) and at batch 16, load time and peak RSS; and in the same run the
-machine's limits: memory read bandwidth (a C++ probe, at the start and the end, best used) and numpy's fp32
-GEMM on the model's shapes (in a subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset, so OpenBLAS
-picks its best kernel). Contenders are interleaved (A B A B ...) and the best of --repeat runs is kept.
+machine's limits: memory read bandwidth (a C++ probe, at the start and after each round, best used) and
+numpy's fp32 GEMM on the model's shapes (in a subprocess with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset, so
+OpenBLAS picks its best kernel). Contenders are interleaved (A B C, then C B A, ...) and the best of --repeat
+runs is kept.
 Peers, when installed: transformers (PyTorch), CTranslate2 and OpenVINO GenAI on the same weights (and llama.cpp's
 llama-bench on GGUF copies)."""
 from __future__ import annotations
@@ -463,8 +464,11 @@ def run(args) -> int:
             except (OSError, ValueError) as e:
                 print(f"llama.cpp {g}: skipped ({e})")
     best = {c.name: {"pp": 1e9, "tg": 1e9, "b16": 1e9} for c in contenders}
-    for _ in range(args.repeat):  # interleaved: every contender once per round
-        for c in list(contenders):
+    # Interleaved: every contender once per round, the order reversed every other round, since the shared host's
+    # bandwidth has been seen to change within minutes (a contender always measured last in a round would see
+    # the end of every round); the bandwidth probe runs after each round as well.
+    for rnd in range(args.repeat):
+        for c in (list(contenders) if rnd % 2 == 0 else list(reversed(contenders))):
             b = best[c.name]
             try:
                 if isinstance(c, LlamaCpp):  # its own timer; tokens per second back to seconds
@@ -480,7 +484,7 @@ def run(args) -> int:
                     raise
                 print(f"{c.name}: skipped ({_why(e)})")
                 contenders.remove(c)
-    bw.append(_core.memory_read_bandwidth(64 if args.quick else 512, 3, args.threads))
+        bw.append(_core.memory_read_bandwidth(64 if args.quick else 512, 3, args.threads))
     bandwidth = max(bw)
 
     non_embed = L * (3 * C * C + C * C + 2 * C * I)
