@@ -329,7 +329,10 @@ PYBIND11_MODULE(_core, m) {
   py::class_<KVCache, std::shared_ptr<KVCache>>(m, "KVCache")
       .def_property_readonly("length", &KVCache::length)
       .def_property_readonly("capacity", &KVCache::capacity)
-      .def("truncate", &KVCache::truncate);
+      .def("truncate", &KVCache::truncate)
+      .def("share_prefix_from", &KVCache::share_prefix_from, py::arg("other"), py::arg("n"))
+      .def_property_readonly("blocks_held", &KVCache::blocks_held)
+      .def_property_readonly("blocks_shared", &KVCache::blocks_shared);
 
   py::class_<PyModel, std::shared_ptr<PyModel>>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("tensors"))
@@ -546,23 +549,32 @@ PYBIND11_MODULE(_core, m) {
     const bool half = kv_dtype == "fp16";
     FloatArray o({T, hd});
     const int n_keys = pos0 + T;
-    // The cache's blocked transposed key layout, the unused positions of the last block NaN: they must not
-    // reach any result.
+    // The cache's blocks: keys transposed [hd][64], values [64][hd], each block a separate allocation, the
+    // unused positions of the last block NaN: they must not reach any result.
     const int blocks = (n_keys + kBlockCols - 1) / kBlockCols;
-    std::vector<float> kt(static_cast<size_t>(blocks) * hd * kBlockCols, std::numeric_limits<float>::quiet_NaN());
+    if (blocks > kMaxKVBlocks) throw std::invalid_argument("too many keys");
+    const size_t per = static_cast<size_t>(hd) * kBlockCols;
+    std::vector<std::vector<float>> kt(blocks, std::vector<float>(per, std::numeric_limits<float>::quiet_NaN()));
+    std::vector<std::vector<float>> vt(blocks, std::vector<float>(per, std::numeric_limits<float>::quiet_NaN()));
     for (int j = 0; j < n_keys; ++j)
-      for (int d = 0; d < hd; ++d)
-        kt[(static_cast<size_t>(j / kBlockCols) * hd + d) * kBlockCols + j % kBlockCols] =
-            kk.data()[static_cast<size_t>(j) * hd + d];
-    std::vector<uint16_t> kt16(kt.size()), v16(static_cast<size_t>(v.size()));
-    with_isa(isa, [&](const KernelTable& t) {
-      if (half) {
-        t.to_f16(kt16.data(), kt.data(), static_cast<int>(kt.size()));
-        t.to_f16(v16.data(), v.data(), static_cast<int>(v.size()));
+      for (int d = 0; d < hd; ++d) {
+        kt[j / kBlockCols][static_cast<size_t>(d) * kBlockCols + j % kBlockCols] = kk.data()[static_cast<size_t>(j) * hd + d];
+        vt[j / kBlockCols][static_cast<size_t>(j % kBlockCols) * hd + d] = v.data()[static_cast<size_t>(j) * hd + d];
       }
-      t.attention_forward(o.mutable_data(), q.data(), half ? static_cast<const void*>(kt16.data()) : kt.data(),
-                          half ? static_cast<const void*>(v16.data()) : v.data(), half ? DType::f16 : DType::f32,
-                          T, pos0, hd, hd, hd, scale);
+    std::vector<std::vector<uint16_t>> kt16(blocks, std::vector<uint16_t>(per)), vt16(blocks, std::vector<uint16_t>(per));
+    const void* kb[kMaxKVBlocks];
+    const void* vb[kMaxKVBlocks];
+    with_isa(isa, [&](const KernelTable& t) {
+      for (int b = 0; b < blocks; ++b) {
+        if (half) {
+          t.to_f16(kt16[b].data(), kt[b].data(), static_cast<int>(per));
+          t.to_f16(vt16[b].data(), vt[b].data(), static_cast<int>(per));
+        }
+        kb[b] = half ? static_cast<const void*>(kt16[b].data()) : kt[b].data();
+        vb[b] = half ? static_cast<const void*>(vt16[b].data()) : vt[b].data();
+      }
+      t.attention_forward(o.mutable_data(), q.data(), kb, vb, half ? DType::f16 : DType::f32, T, pos0, hd, hd, hd,
+                          scale);
     });
     return o;
   }, py::arg("isa"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos0"), py::arg("scale"),

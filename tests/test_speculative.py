@@ -171,3 +171,34 @@ def test_prefix_cache_serves_the_shared_header(models):
     dec = _core.Decoder(model._core)
     dec.add(header + [5, 6], {"eos_token_ids": []}, 2)
     assert dec.prefix_hits == 80
+
+
+@pytest.mark.parametrize("kv", ["fp32", "fp16"])
+def test_kv_blocks_shared_copy_on_write_and_freed_by_reference(models, kv):
+    """The KV cache's 64-position blocks are shared, not copied, between sequences (the prefix cache and beams
+    use this); a cache writing into a shared block copies it first, so neither sequence sees the other's
+    later tokens, and a block lives as long as some cache holds it."""
+    _, _, _, path = models
+    model = gptcpp.GPT2.from_pretrained(path, dtype="fp32" if kv == "fp32" else "fp16")
+    assert model.kv_cache_dtype == kv
+    prompt, other = rng_ids(100, 97, seed=60), rng_ids(30, 97, seed=61)
+
+    def fresh_logits(ids):
+        cache = model.new_cache(len(ids))
+        return model.forward(cache, ids)
+
+    a = model.new_cache(128)
+    model.forward(a, prompt)
+    assert (a.length, a.blocks_held, a.blocks_shared) == (100, 2, 0)
+    b = model.new_cache(128)
+    b.share_prefix_from(a, 70)  # positions 0..69: block 0 whole, block 1 in part
+    assert (b.length, b.blocks_held, a.blocks_shared, b.blocks_shared) == (70, 2, 2, 2)
+    got_b = model.forward(b, other)  # writes positions 70.. into its own copy of block 1
+    assert np.array_equal(got_b, fresh_logits(prompt[:70] + other)[70:])
+    assert (a.blocks_shared, b.blocks_shared) == (1, 1)  # block 0 still shared, block 1 copied
+    got_a = model.forward(a, [5, 6])  # a's block 1 is untouched by b's writes
+    assert np.array_equal(got_a, fresh_logits(prompt + [5, 6])[100:])
+    del a  # b alone holds block 0 now: freed by reference count, not copied
+    assert (b.blocks_held, b.blocks_shared) == (2, 0)
+    with pytest.raises(ValueError, match="prefix longer than the cache"):
+        model.new_cache(128).share_prefix_from(b, 101)

@@ -65,7 +65,7 @@ std::vector<BeamHypothesis> beam_search(const GPT2Model& model, const std::vecto
     std::vector<ForwardItem> items{{caches[0].get(), prompt.data(), P, 1}};
     model.forward(items, logits.data());
     for (int b = 1; b < num_beams; ++b) {
-      caches[b]->copy_prefix_from(*caches[0], P);
+      caches[b]->share_prefix_from(*caches[0], P);
       std::copy(logits.begin(), logits.begin() + V, logits.begin() + static_cast<int64_t>(b) * V);
     }
   }
@@ -163,9 +163,12 @@ std::vector<BeamHypothesis> beam_search(const GPT2Model& model, const std::vecto
       const bool valid = !std::all_of(hits.begin(), hits.end(), [](char h) { return h != 0; });
       if (!(heuristic_unsatisfied && exists_open && valid)) break;
     }
-    // Reorder caches to the new beams' parents (copying only what changes), then feed the last tokens.
-    for (int b = 0; b < num_beams; ++b) spare[b]->copy_prefix_from(*caches[new_parent[b]], cur_len - 1);
+    // Reorder caches to the new beams' parents: each takes its parent's blocks, shared; the old caches let
+    // go of theirs, so that a parent's only child writes its next position in place and siblings copy the one
+    // block they write into (KVCache::prepare_append). Then feed the last tokens.
+    for (int b = 0; b < num_beams; ++b) spare[b]->share_prefix_from(*caches[new_parent[b]], cur_len - 1);
     std::swap(caches, spare);
+    for (auto& old : spare) old->clear();
     std::vector<ForwardItem> items;
     for (int b = 0; b < num_beams; ++b) items.push_back({caches[b].get(), &running[b].tokens.back(), 1, 1});
     model.forward(items, logits.data());

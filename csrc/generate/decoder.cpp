@@ -34,7 +34,7 @@ int PrefixCache::restore(const std::vector<int32_t>& prompt, int max_len, KVCach
     }
   }
   if (best == lru_.end()) return 0;
-  cache.copy_prefix_from(*best->cache, best_len);
+  cache.share_prefix_from(*best->cache, best_len);
   lru_.splice(lru_.begin(), lru_, best);  // most recently used
   return best_len;
 }
@@ -51,7 +51,7 @@ void PrefixCache::insert(const std::vector<int32_t>& prompt, int n, const KVCach
   Entry e;
   e.tokens.assign(prompt.begin(), prompt.begin() + n);
   e.cache = std::make_unique<KVCache>(config_, n);
-  e.cache->copy_prefix_from(cache, n);
+  e.cache->share_prefix_from(cache, n);
   // An entry that is a prefix of the new one is now redundant.
   lru_.remove_if([&](const Entry& x) {
     const bool redundant = x.tokens.size() < e.tokens.size() && std::equal(x.tokens.begin(), x.tokens.end(), e.tokens.begin());

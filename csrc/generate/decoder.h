@@ -46,7 +46,8 @@ struct SpeculationOptions {
 class PrefixCache {
  public:
   PrefixCache(const GPT2Config& config, int64_t budget_tokens) : config_(config), budget_(budget_tokens) {}
-  // Copies the longest cached prefix of prompt (at most max_len tokens) into cache; returns its length.
+  // Gives cache the longest cached prefix of prompt (at most max_len tokens), its blocks shared with the
+  // entry (not copied); returns its length.
   int restore(const std::vector<int32_t>& prompt, int max_len, KVCache& cache);
   // Remembers the first n positions of cache as the KV of prompt[0:n].
   void insert(const std::vector<int32_t>& prompt, int n, const KVCache& cache);

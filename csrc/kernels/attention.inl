@@ -1,93 +1,133 @@
-// Causal attention for one head of one sequence, written once against `Vec`. Keys and values are float32 or
-// IEEE half (the KV cache of the narrow weight formats), read through matmul's weight readers.
-// Scores and the weighted sum of V are both matrix products: S = q @ kt through matmul's direct path over the
-// blocked keys (see kernels.h; a decoding step's few rows through few_rows_product), masked softmax per row,
-// then out = P @ v. Query rows go in chunks of ROW_CHUNK, each against only the keys its last row can see,
-// which skips most of the masked upper triangle of a prompt. Row t sees keys 0..pos0+t; later keys in its
-// chunk get probability exactly 0, which adds nothing to the FMA chains of P @ v, so the chunking changes no
-// bit. One call is one (sequence, head) unit: the model spreads units over threads, so nothing here depends
-// on the batch or the thread count.
+// Causal attention for one head of one sequence, written once against `Vec`. Keys and values come from the KV
+// cache's blocks of kBlockCols (64) positions (see kernels.h), float32 or IEEE half, read through matmul's
+// weight readers. Scores S = q @ K^T block by block (a prompt chunk: matmul's direct path over each key block;
+// a decoding step's few rows: score_cols), masked softmax per row, then out = P @ V as one sum per value block
+// added up block by block in order (a prompt chunk: matmul with accumulate; a few rows: value_cols, which does
+// the same arithmetic), so decoding one token or verifying several gives the bits a prompt chunk does. Query
+// rows go in chunks of ROW_CHUNK, each against only the keys its last row can see, which skips most of the
+// masked upper triangle of a prompt. Row t sees keys 0..pos0+t; later keys in its chunk get probability
+// exactly 0, which adds nothing to the sums, so the chunking changes no bit. One call is one (sequence, head)
+// unit: the model spreads units over threads, so nothing here depends on the batch or the thread count.
 
 constexpr int ROW_CHUNK = 64;
+constexpr int NCMAX = 8;  // vectors of columns per pass of the few-rows loops: up to 8 independent FMA chains
+static_assert(kBlockCols % Vec::width == 0, "a vector must not straddle two blocks");
 
-// The two products for the few rows of a decoding step (T below the matmul's packing threshold), with the sums
-// in registers: dst[t][j] = sum over k of a[t][k] * b[k][j] as one fma chain over k = 0..K-1 from zero per
-// element, which is exactly what matmul_forward computes for these shapes, so decoding one token or verifying
-// several gives the bits a prompt chunk does. b is row-major (rows ldb apart) or, when blocked, in the blocked
-// layout of kernels.h (column blocks of kBlockCols, each [K][kBlockCols], whole blocks allocated): a block is
-// then read front to back.
-
-// NC vectors of columns of one row, their W-wide column groups starting at bv[0..NC-1] (row k at + k * ld).
-// NC is a template argument so that the sums stay in registers (a runtime count spilled them to the stack);
-// up to 8 independent chains hide the FMA latency. TAIL: the last vector has only `rem` columns in memory
-// (row-major b); blocked b has whole blocks, so only the store is partial.
+// acc[v] += a[k] * (row k of column group v) for k = 0..K-1, row k of group v at bv[v] + k * ld. NC is a template
+// argument so that the sums stay in registers (a run-time count spilled them to the stack). TAIL: the last
+// group has only `rem` columns in memory.
 template <class WR, int NC, bool TAIL>
-inline void few_rows_cols(float* d, const float* at, const typename WR::T* const* bv, int64_t ld, int K, int rem) {
-  using R = Vec::reg;
-  constexpr int W = Vec::width;
-  R acc[NC];
-  for (int v = 0; v < NC; ++v) acc[v] = Vec::zero();
+inline void fma_rows(Vec::reg (&acc)[NC], const float* a, const typename WR::T* const (&bv)[NC], int64_t ld, int K,
+                     int rem) {
   for (int k = 0; k < K; ++k) {
-    const R x = Vec::set1(at[k]);
+    const Vec::reg x = Vec::set1(a[k]);
     const int64_t off = k * ld;
     for (int v = 0; v < NC; ++v)
       acc[v] = Vec::fma(x, TAIL && v == NC - 1 ? WR::load_partial(bv[v] + off, rem) : WR::load(bv[v] + off), acc[v]);
   }
+}
+
+template <int NC>
+inline void store_cols(float* d, const Vec::reg (&acc)[NC], int rem) {
+  constexpr int W = Vec::width;
   for (int v = 0; v < NC - 1; ++v) Vec::store(d + v * W, acc[v]);
   if (rem < W) Vec::store_partial(d + (NC - 1) * W, acc[NC - 1], rem);
   else Vec::store(d + (NC - 1) * W, acc[NC - 1]);
 }
 
-template <class WR, bool TAIL>
-inline void few_rows_dispatch(int nc, float* d, const float* at, const typename WR::T* const* bv, int64_t ld, int K,
-                              int rem) {
-  switch (nc) {
-    case 1: return few_rows_cols<WR, 1, TAIL>(d, at, bv, ld, K, rem);
-    case 2: return few_rows_cols<WR, 2, TAIL>(d, at, bv, ld, K, rem);
-    case 3: return few_rows_cols<WR, 3, TAIL>(d, at, bv, ld, K, rem);
-    case 4: return few_rows_cols<WR, 4, TAIL>(d, at, bv, ld, K, rem);
-    case 5: return few_rows_cols<WR, 5, TAIL>(d, at, bv, ld, K, rem);
-    case 6: return few_rows_cols<WR, 6, TAIL>(d, at, bv, ld, K, rem);
-    case 7: return few_rows_cols<WR, 7, TAIL>(d, at, bv, ld, K, rem);
-    default: return few_rows_cols<WR, 8, TAIL>(d, at, bv, ld, K, rem);
-  }
-}
-
-template <class WR>
-inline void few_rows_product(float* dst, int ldd, const float* a, int lda, const typename WR::T* b, int ldb,
-                             bool blocked, int T, int K, int N) {
-  constexpr int W = Vec::width, NCMAX = 8;
-  static_assert(kBlockCols % W == 0, "a vector must not straddle two blocks");
-  const int64_t ld = blocked ? kBlockCols : ldb;
-  for (int t = 0; t < T; ++t) {
-    const float* at = a + static_cast<int64_t>(t) * lda;
-    float* d = dst + static_cast<int64_t>(t) * ldd;
-    for (int j0 = 0; j0 < N; j0 += NCMAX * W) {
-      const int width = N - j0 < NCMAX * W ? N - j0 : NCMAX * W;
-      const int nc = (width + W - 1) / W, rem = width - (nc - 1) * W;
-      const typename WR::T* bv[NCMAX];
-      for (int v = 0; v < nc; ++v) {
-        const int col = j0 + v * W;
-        bv[v] = blocked ? b + static_cast<int64_t>(col / kBlockCols) * K * kBlockCols + col % kBlockCols : b + col;
-      }
-      if (!blocked && rem < W) few_rows_dispatch<WR, true>(nc, d + j0, at, bv, ld, K, rem);
-      else few_rows_dispatch<WR, false>(nc, d + j0, at, bv, ld, K, rem);
-    }
-  }
-}
-
-template <class WR>
-void attention_rows(float* out, const float* q, const typename WR::T* kt, const typename WR::T* v, int T, int pos0,
-                    int hd, int ld_q, int ld_out, float scale) {
-  using R = Vec::reg;
+// s[j0 .. j0 + (NC-1) W + rem) = q . key j, one chain over d = 0..hd-1 per key, the keys in blocks kb (whole
+// 64-column blocks are allocated, so only the store is partial).
+template <class WR, int NC>
+inline void score_cols(float* s, const float* q, const typename WR::T* const* kb, int j0, int hd, int rem) {
   constexpr int W = Vec::width;
-  const int n_keys = pos0 + T;
+  Vec::reg acc[NC];
+  const typename WR::T* bv[NC];
+  for (int v = 0; v < NC; ++v) {
+    acc[v] = Vec::zero();
+    const int col = j0 + v * W;
+    bv[v] = kb[col / kBlockCols] + col % kBlockCols;
+  }
+  fma_rows<WR, NC, false>(acc, q, bv, kBlockCols, hd, rem);
+  store_cols<NC>(s + j0, acc, rem);
+}
+
+// o[c0 .. c0 + (NC-1) W + rem) = sum over keys j < n_keys of p[j] * value j: per value block one chain from
+// zero over its keys, the blocks' sums added in order (what matmul_forward with accumulate does block by block).
+template <class WR, int NC, bool TAIL>
+inline void value_cols(float* o, const float* p, const typename WR::T* const* vb, int n_keys, int hd, int c0,
+                       int rem) {
+  constexpr int W = Vec::width;
+  Vec::reg total[NC];
+  for (int b = 0; b * kBlockCols < n_keys; ++b) {
+    Vec::reg acc[NC];
+    const typename WR::T* bv[NC];
+    for (int v = 0; v < NC; ++v) {
+      acc[v] = Vec::zero();
+      bv[v] = vb[b] + c0 + v * W;
+    }
+    const int rows = n_keys - b * kBlockCols < kBlockCols ? n_keys - b * kBlockCols : kBlockCols;
+    fma_rows<WR, NC, TAIL>(acc, p + b * kBlockCols, bv, hd, rows, rem);
+    for (int v = 0; v < NC; ++v) total[v] = b == 0 ? acc[v] : Vec::add(total[v], acc[v]);
+  }
+  store_cols<NC>(o + c0, total, rem);
+}
+
+// Calls F<NC>::run(args...) with NC = nc (1..NCMAX) as a compile-time constant.
+template <template <int> class F, class... A>
+inline void with_nc(int nc, A&&... args) {
+  switch (nc) {
+    case 1: return F<1>::run(args...);
+    case 2: return F<2>::run(args...);
+    case 3: return F<3>::run(args...);
+    case 4: return F<4>::run(args...);
+    case 5: return F<5>::run(args...);
+    case 6: return F<6>::run(args...);
+    case 7: return F<7>::run(args...);
+    default: return F<8>::run(args...);
+  }
+}
+
+template <class WR>
+struct ScoreCols {
+  template <int NC>
+  struct F {
+    static void run(float* s, const float* q, const typename WR::T* const* kb, int j0, int hd, int rem) {
+      score_cols<WR, NC>(s, q, kb, j0, hd, rem);
+    }
+  };
+};
+
+template <class WR, bool TAIL>
+struct ValueCols {
+  template <int NC>
+  struct F {
+    static void run(float* o, const float* p, const typename WR::T* const* vb, int n_keys, int hd, int c0, int rem) {
+      value_cols<WR, NC, TAIL>(o, p, vb, n_keys, hd, c0, rem);
+    }
+  };
+};
+
+template <class WR>
+void attention_rows(float* out, const float* q, const typename WR::T* const* kb, const typename WR::T* const* vb,
+                    int T, int pos0, int hd, int ld_q, int ld_out, float scale) {
+  using R = Vec::reg;
+  constexpr int W = Vec::width, PASS = NCMAX * W;
+  const int n_keys = pos0 + T, n_blocks = (n_keys + kBlockCols - 1) / kBlockCols;
   float* S = scratch_floats(static_cast<int64_t>(T) * n_keys, 1);
   const bool few = T < matmul_detail::PACK_MIN_M;
-  if (few)
-    few_rows_product<WR>(S, n_keys, q, ld_q, kt, 0, true, T, hd, n_keys);
-  else
-    matmul_detail::matmul_impl<WR>(S, q, kt, true, nullptr, T, hd, n_keys, ld_q, n_keys, 0, false);
+  if (few) {
+    for (int t = 0; t < T; ++t)
+      for (int j0 = 0; j0 < n_keys; j0 += PASS) {
+        const int width = n_keys - j0 < PASS ? n_keys - j0 : PASS, nc = (width + W - 1) / W;
+        with_nc<ScoreCols<WR>::template F>(nc, S + static_cast<int64_t>(t) * n_keys, q + static_cast<int64_t>(t) * ld_q,
+                                           kb, j0, hd, width - (nc - 1) * W);
+      }
+  } else {
+    for (int b = 0; b < n_blocks; ++b) {
+      const int cols = n_keys - b * kBlockCols < kBlockCols ? n_keys - b * kBlockCols : kBlockCols;
+      matmul_detail::matmul_impl<WR>(S + b * kBlockCols, q, kb[b], true, nullptr, T, hd, cols, ld_q, n_keys, 0, false);
+    }
+  }
   const R vscale = Vec::set1(scale);
   for (int t = 0; t < T; ++t) {
     float* s = S + static_cast<int64_t>(t) * n_keys;
@@ -132,29 +172,44 @@ void attention_rows(float* out, const float* q, const typename WR::T* kt, const 
     for (; j < valid; ++j) s[j] *= 1.0f / sum;
     for (j = valid; j < n_keys; ++j) s[j] = 0.0f;
   }
-  if (few)
-    few_rows_product<WR>(out, ld_out, S, n_keys, v, hd, false, T, n_keys, hd);
-  else
-    matmul_detail::matmul_impl<WR>(out, S, v, false, nullptr, T, n_keys, hd, n_keys, ld_out, hd, false);
+  if (few) {
+    for (int t = 0; t < T; ++t)
+      for (int c0 = 0; c0 < hd; c0 += PASS) {
+        const int width = hd - c0 < PASS ? hd - c0 : PASS, nc = (width + W - 1) / W, rem = width - (nc - 1) * W;
+        float* o = out + static_cast<int64_t>(t) * ld_out;
+        const float* p = S + static_cast<int64_t>(t) * n_keys;
+        if (rem < W) with_nc<ValueCols<WR, true>::template F>(nc, o, p, vb, n_keys, hd, c0, rem);
+        else with_nc<ValueCols<WR, false>::template F>(nc, o, p, vb, n_keys, hd, c0, rem);
+      }
+  } else {
+    for (int b = 0; b < n_blocks; ++b) {
+      const int rows = n_keys - b * kBlockCols < kBlockCols ? n_keys - b * kBlockCols : kBlockCols;
+      matmul_detail::matmul_impl<WR>(out, S + b * kBlockCols, vb[b], false, nullptr, T, rows, hd, n_keys, ld_out, hd,
+                                     b > 0);
+    }
+  }
 }
 
 template <class WR>
-void attention_chunks(float* out, const float* q, const typename WR::T* kt, const typename WR::T* v, int T, int pos0,
+void attention_chunks(float* out, const float* q, const void* const* kb, const void* const* vb, int T, int pos0,
                       int hd, int ld_q, int ld_out, float scale) {
+  const typename WR::T* kt[kMaxKVBlocks];
+  const typename WR::T* vt[kMaxKVBlocks];
+  for (int b = 0; b * kBlockCols < pos0 + T; ++b) {
+    kt[b] = static_cast<const typename WR::T*>(kb[b]);
+    vt[b] = static_cast<const typename WR::T*>(vb[b]);
+  }
   for (int t0 = 0; t0 < T; t0 += ROW_CHUNK) {
     const int rows = T - t0 < ROW_CHUNK ? T - t0 : ROW_CHUNK;
-    attention_rows<WR>(out + static_cast<int64_t>(t0) * ld_out, q + static_cast<int64_t>(t0) * ld_q, kt, v, rows,
+    attention_rows<WR>(out + static_cast<int64_t>(t0) * ld_out, q + static_cast<int64_t>(t0) * ld_q, kt, vt, rows,
                        pos0 + t0, hd, ld_q, ld_out, scale);
   }
 }
 
-void attention_forward(float* out, const float* q, const void* kt, const void* v, DType kv, int T, int pos0, int hd,
-                       int ld_q, int ld_out, float scale) {
-  if (kv == DType::f16)
-    return attention_chunks<matmul_detail::F16W>(out, q, static_cast<const uint16_t*>(kt),
-                                                 static_cast<const uint16_t*>(v), T, pos0, hd, ld_q, ld_out, scale);
-  attention_chunks<matmul_detail::F32W>(out, q, static_cast<const float*>(kt), static_cast<const float*>(v), T, pos0,
-                                        hd, ld_q, ld_out, scale);
+void attention_forward(float* out, const float* q, const void* const* kb, const void* const* vb, DType kv, int T,
+                       int pos0, int hd, int ld_q, int ld_out, float scale) {
+  if (kv == DType::f16) return attention_chunks<matmul_detail::F16W>(out, q, kb, vb, T, pos0, hd, ld_q, ld_out, scale);
+  attention_chunks<matmul_detail::F32W>(out, q, kb, vb, T, pos0, hd, ld_q, ld_out, scale);
 }
 
 // out[0..n) = in rounded to IEEE half (nearest even, as every level rounds); returns max |in|, so that the

@@ -34,6 +34,8 @@ struct WeightView {
 };
 constexpr int kBlockCols = 64;
 constexpr int kQuantGroup = 32;
+// The longest sequence attention takes, in KV blocks of kBlockCols positions (their list lives on the stack).
+constexpr int kMaxKVBlocks = 256;
 
 struct KernelTable {
   Isa isa;
@@ -51,13 +53,13 @@ struct KernelTable {
   void (*activation_forward)(float* x, int64_t n, Activation act);
   // One attention head of one sequence, for T new query rows whose first row sits at position pos0:
   // out[t, :hd] = softmax(scale * q[t] . k[0..pos0+t]) @ v[0..pos0+t]. q and out rows are ld_q / ld_out
-  // apart. Keys come transposed in the blocked layout of a [hd, positions] weight: blocks of kBlockCols
-  // positions, each a contiguous [hd][kBlockCols] run (key j of dimension d at
-  // kt[(j / 64 * hd + d) * 64 + j % 64]), so that the scores are a direct-path matrix product and a decoding
-  // step streams each block front to back; positions past pos0 + T in the last block are never used (any
-  // values). v is [pos0 + T][hd]. Both are float32 (kv f32) or IEEE half (kv f16), widened exactly on load.
-  void (*attention_forward)(float* out, const float* q, const void* kt, const void* v, DType kv, int T, int pos0,
-                            int hd, int ld_q, int ld_out, float scale);
+  // apart. Keys and values come in blocks of kBlockCols positions, block b holding positions 64 b ..: kb[b]
+  // the keys transposed, [hd][64] (the blocked layout of a [hd, positions] weight, so that the scores are a
+  // direct-path matrix product and a decoding step streams the block front to back), vb[b] the values
+  // [64][hd]; positions past pos0 + T in the last block are never used (any values). Elements are float32
+  // (kv f32) or IEEE half (kv f16), widened exactly on load. At most kMaxKVBlocks blocks.
+  void (*attention_forward)(float* out, const float* q, const void* const* kb, const void* const* vb, DType kv,
+                            int T, int pos0, int hd, int ld_q, int ld_out, float scale);
   // out[0..n) = in rounded to IEEE half, nearest even; returns max |in| (65520 and up became infinity).
   float (*to_f16)(uint16_t* out, const float* in, int n);
   // max and log(sum(exp(x - max))) of n values: the log-softmax normaliser of a logits row.

@@ -62,15 +62,14 @@ void embedding_row(float* out, const WeightView& wte, int32_t token, int C, int 
 
 KVCache::KVCache(const GPT2Config& config, int capacity)
     : n_layer_(config.n_layer), n_head_(config.n_head), head_dim_(config.head_dim()), capacity_(capacity),
-      padded_capacity_((capacity + kBlockCols - 1) / kBlockCols * kBlockCols), dtype_(config.kv_dtype),
-      elem_(config.kv_dtype == DType::f16 ? 2 : 4) {
+      dtype_(config.kv_dtype), elem_(config.kv_dtype == DType::f16 ? 2 : 4),
+      block_bytes_(static_cast<int64_t>(config.n_layer) * config.n_head * config.head_dim() * kBlockCols *
+                   (config.kv_dtype == DType::f16 ? 2 : 4)) {
   if (capacity <= 0 || capacity > config.n_positions)
     throw std::length_error("KV cache capacity " + std::to_string(capacity) + " is outside 1.." +
                             std::to_string(config.n_positions) + " (n_positions)");
   if (dtype_ != DType::f32 && dtype_ != DType::f16) throw std::invalid_argument("a KV cache holds f32 or f16");
-  const int64_t bytes = static_cast<int64_t>(n_layer_) * n_head_ * padded_capacity_ * head_dim_ * elem_;
-  k_.reset(new char[bytes]);
-  v_.reset(new char[bytes]);
+  blocks_.resize((capacity + kBlockCols - 1) / kBlockCols);
 }
 
 void KVCache::truncate(int n) {
@@ -79,28 +78,57 @@ void KVCache::truncate(int n) {
   length_ = n;
 }
 
-void KVCache::copy_prefix_from(const KVCache& other, int n) {
+void KVCache::share_prefix_from(const KVCache& other, int n) {
   if (other.n_layer_ != n_layer_ || other.n_head_ != n_head_ || other.head_dim_ != head_dim_ || other.dtype_ != dtype_)
     throw std::invalid_argument("KV caches of different models");
   if (n > other.length_ || n > capacity_) throw std::length_error("prefix longer than the cache");
-  const int64_t block = static_cast<int64_t>(head_dim_) * kBlockCols * elem_;  // bytes, the same in both caches
-  const int whole = n / kBlockCols, rest = n % kBlockCols;
-  for (int l = 0; l < n_layer_; ++l)
-    for (int h = 0; h < n_head_; ++h) {
-      char* k = static_cast<char*>(keys(l, h));
-      const char* src = static_cast<const char*>(other.keys(l, h));
-      std::memcpy(k, src, whole * block);
-      for (int d = 0; rest > 0 && d < head_dim_; ++d)
-        std::memcpy(k + whole * block + d * kBlockCols * elem_, src + whole * block + d * kBlockCols * elem_,
-                    static_cast<size_t>(rest) * elem_);
-      std::memcpy(values(l, h), other.values(l, h), static_cast<size_t>(n) * head_dim_ * elem_);
-    }
+  const int used = (n + kBlockCols - 1) / kBlockCols;
+  for (int b = 0; b < static_cast<int>(blocks_.size()); ++b) blocks_[b] = b < used ? other.blocks_[b] : nullptr;
   length_ = n;
+}
+
+void KVCache::clear() {
+  for (auto& b : blocks_) b.reset();
+  length_ = 0;
+}
+
+void KVCache::prepare_append(int n) {
+  if (n <= 0) return;
+  for (int b = length_ / kBlockCols; b <= (length_ + n - 1) / kBlockCols; ++b) {
+    std::shared_ptr<KVBlock>& slot = blocks_[b];
+    if (slot && slot.use_count() == 1) continue;
+    auto fresh = std::make_shared<KVBlock>();
+    fresh->k.reset(new char[block_bytes_]);
+    fresh->v.reset(new char[block_bytes_]);
+    if (slot) {  // shared: copy the positions filled so far (keys whole: [head_dim][64] rows are interleaved)
+      const int filled = length_ - b * kBlockCols;
+      std::memcpy(fresh->k.get(), slot->k.get(), block_bytes_);
+      const int64_t per_head = static_cast<int64_t>(head_dim_) * kBlockCols * elem_;
+      for (int64_t h = 0; h < static_cast<int64_t>(n_layer_) * n_head_; ++h)
+        std::memcpy(fresh->v.get() + h * per_head, slot->v.get() + h * per_head,
+                    static_cast<size_t>(filled) * head_dim_ * elem_);
+    }
+    slot = std::move(fresh);
+  }
+}
+
+int KVCache::blocks_held() const {
+  int n = 0;
+  for (const auto& b : blocks_) n += b != nullptr;
+  return n;
+}
+
+int KVCache::blocks_shared() const {
+  int n = 0;
+  for (const auto& b : blocks_) n += b != nullptr && b.use_count() > 1;
+  return n;
 }
 
 GPT2Model::GPT2Model(const GPT2Config& config, const GPT2Weights& weights) : config_(config), weights_(weights) {
   if (config.n_embd % config.n_head != 0)
     throw std::invalid_argument("n_embd must be divisible by n_head");
+  if (config.n_positions > kMaxKVBlocks * kBlockCols)
+    throw std::invalid_argument("n_positions above " + std::to_string(kMaxKVBlocks * kBlockCols) + " is not supported");
   if (static_cast<int>(weights.layers.size()) != config.n_layer)
     throw std::invalid_argument("weights have a different number of layers than n_layer");
 }
@@ -132,6 +160,7 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
     M += it.n_tokens;
   }
   if (M == 0) return;
+  for (const auto& it : items) it.cache->prepare_append(it.n_tokens);  // blocks to write, none shared
 #ifdef _OPENMP
   if (threads_ > 0) omp_set_num_threads(threads_);
 #endif
@@ -181,15 +210,15 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
   auto prefetch_unit = [&](const Unit& un, int layer) {
     const auto& it = items[un.item];
     const int n_keys = it.cache->length() + un.t0 + un.rows;
-    const char* k = static_cast<const char*>(it.cache->keys(layer, un.head));
-    const char* v = static_cast<const char*>(it.cache->values(layer, un.head));
-    for (int j0 = 0; j0 < n_keys; j0 += kBlockCols) {  // each key block: its rows' first n_keys - j0 columns
-      const int64_t row_bytes = static_cast<int64_t>(std::min(kBlockCols, n_keys - j0)) * elem;
+    for (int b = 0; b * kBlockCols < n_keys; ++b) {  // each block: its key rows' first n_keys - 64 b columns
+      const char* k = static_cast<const char*>(it.cache->keys(layer, un.head, b));
+      const char* v = static_cast<const char*>(it.cache->values(layer, un.head, b));
+      const int cols = std::min(kBlockCols, n_keys - b * kBlockCols);
       for (int d = 0; d < hd; ++d)
-        for (int64_t b = 0; b < row_bytes; b += 64)
-          __builtin_prefetch(k + static_cast<int64_t>(j0 * hd + d * kBlockCols) * elem + b, 0, 2);
+        for (int64_t x = 0; x < static_cast<int64_t>(cols) * elem; x += 64)
+          __builtin_prefetch(k + static_cast<int64_t>(d) * kBlockCols * elem + x, 0, 2);
+      for (int64_t x = 0; x < static_cast<int64_t>(cols) * hd * elem; x += 64) __builtin_prefetch(v + x, 0, 2);
     }
-    for (int64_t b = 0; b < static_cast<int64_t>(n_keys) * hd * elem; b += 64) __builtin_prefetch(v + b, 0, 2);
   };
   for (int l = 0; l < c.n_layer; ++l) {
     const LayerWeights& w = weights_.layers[l];
@@ -209,22 +238,22 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
         const int pos = it.cache->length() + t;
         const float* krow = row + C + h * hd;
         const float* vrow = row + 2 * C + h * hd;
-        // Keys go to column pos % 64 of their block (transposed in blocks: [capacity / 64][head_dim][64]).
-        const int64_t kcol = static_cast<int64_t>(pos / kBlockCols) * hd * kBlockCols + pos % kBlockCols;
+        // Keys go to column pos % 64 of their block's [head_dim][64], values to row pos % 64 of its [64][head_dim].
+        const int b = pos / kBlockCols, col = pos % kBlockCols;
         if (half) {
-          uint16_t* kt = static_cast<uint16_t*>(it.cache->keys(l, h)) + kcol;
+          uint16_t* kt = static_cast<uint16_t*>(it.cache->keys(l, h, b)) + col;
           for (int d0 = 0; d0 < hd; d0 += 64) {  // converted 64 at a time, then scattered down the column
             uint16_t k16[64];
             const int n = std::min(64, hd - d0);
             kv_max = std::max(kv_max, K.to_f16(k16, krow + d0, n));
             for (int d = 0; d < n; ++d) kt[static_cast<int64_t>(d0 + d) * kBlockCols] = k16[d];
           }
-          kv_max = std::max(kv_max, K.to_f16(static_cast<uint16_t*>(it.cache->values(l, h)) +
-                                                 static_cast<int64_t>(pos) * hd, vrow, hd));
+          kv_max = std::max(kv_max, K.to_f16(static_cast<uint16_t*>(it.cache->values(l, h, b)) +
+                                                 static_cast<int64_t>(col) * hd, vrow, hd));
         } else {
-          float* kt = static_cast<float*>(it.cache->keys(l, h)) + kcol;
+          float* kt = static_cast<float*>(it.cache->keys(l, h, b)) + col;
           for (int d = 0; d < hd; ++d) kt[static_cast<int64_t>(d) * kBlockCols] = krow[d];
-          std::memcpy(static_cast<float*>(it.cache->values(l, h)) + static_cast<int64_t>(pos) * hd, vrow,
+          std::memcpy(static_cast<float*>(it.cache->values(l, h, b)) + static_cast<int64_t>(col) * hd, vrow,
                       sizeof(float) * hd);
         }
       }
@@ -238,9 +267,15 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       const Unit& un = units[u];
       const auto& it = items[un.item];
       const int64_t r0 = item_row0[un.item] + un.t0;
-      K.attention_forward(att.data() + r0 * C + un.head * hd, qkv.data() + r0 * 3 * C + un.head * hd,
-                          it.cache->keys(l, un.head), it.cache->values(l, un.head), c.kv_dtype, un.rows,
-                          it.cache->length() + un.t0, hd, 3 * C, C, scale);
+      const int n_blocks = (it.cache->length() + un.t0 + un.rows + kBlockCols - 1) / kBlockCols;
+      const void* kb[kMaxKVBlocks];
+      const void* vb[kMaxKVBlocks];
+      for (int b = 0; b < n_blocks; ++b) {
+        kb[b] = it.cache->keys(l, un.head, b);
+        vb[b] = it.cache->values(l, un.head, b);
+      }
+      K.attention_forward(att.data() + r0 * C + un.head * hd, qkv.data() + r0 * 3 * C + un.head * hd, kb, vb,
+                          c.kv_dtype, un.rows, it.cache->length() + un.t0, hd, 3 * C, C, scale);
     };
     if (decoding) {  // units of equal cost: each thread takes every nt-th, prefetching its next one
 #pragma omp parallel if (n_units > 1)

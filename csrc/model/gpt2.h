@@ -52,35 +52,53 @@ struct GPT2Weights {
   WeightView lm_head;  // as wte; == wte when tied
 };
 
-// Keys and values of one sequence, per layer and head: keys transposed in blocks of kBlockCols positions,
-// [capacity / 64][head_dim][64] (the layout attention_forward reads: the scores q @ K^T are a direct-path
-// matrix product, and a decoding step streams each block front to back instead of gathering head_dim short
-// rows), values [capacity][head_dim]; elements float32 or IEEE half (config.kv_dtype). The capacity is
-// rounded up to whole blocks. length is how many positions are filled.
+// 64 (kBlockCols) positions of every layer's and head's keys and values: the unit of KV memory. Per (layer,
+// head), keys transposed [head_dim][64] (the blocked layout attention_forward reads: the scores q @ K^T are a
+// direct-path product, and a decoding step streams the block front to back) and values [64][head_dim];
+// elements float32 or IEEE half (config.kv_dtype).
+struct KVBlock {
+  std::unique_ptr<char[]> k, v;
+};
+
+// Keys and values of one sequence: its blocks, held by shared pointer so that a prefix can be shared read-only
+// between sequences (the prefix cache, beams) and is freed with its last holder. A cache writes only into
+// blocks it alone holds: prepare_append allocates the blocks of new positions and copies a block still shared
+// before it is written. length is how many positions are filled; capacity bounds it.
 class KVCache {
  public:
   KVCache(const GPT2Config& config, int capacity);
   int capacity() const { return capacity_; }
   int length() const { return length_; }
   DType dtype() const { return dtype_; }
-  // Forgets positions from n on (rollback after rejected speculation, or reuse of a shared prefix).
+  // Forgets positions from n on (rollback after rejected speculation).
   void truncate(int n);
-  // Copies the first n positions of other (same model) into this cache.
-  void copy_prefix_from(const KVCache& other, int n);
-  void* keys(int layer, int head) { return k_.get() + offset(layer, head); }
-  void* values(int layer, int head) { return v_.get() + offset(layer, head); }
-  const void* keys(int layer, int head) const { return k_.get() + offset(layer, head); }
-  const void* values(int layer, int head) const { return v_.get() + offset(layer, head); }
+  // Makes this cache's first n positions those of other (same model, n <= other.length()), sharing its blocks
+  // instead of copying them; nothing of this cache's own is kept.
+  void share_prefix_from(const KVCache& other, int n);
+  // Lets go of every block (length 0).
+  void clear();
+  // Makes positions length .. length + n - 1 writable (allocated, held by this cache alone). Not thread-safe:
+  // the model calls it for every sequence before a forward pass writes.
+  void prepare_append(int n);
+  // Block b (positions 64 b ..) of (layer, head): keys [head_dim][64], values [64][head_dim]. Null if absent.
+  void* keys(int layer, int head, int b) { return blocks_[b]->k.get() + offset(layer, head); }
+  void* values(int layer, int head, int b) { return blocks_[b]->v.get() + offset(layer, head); }
+  const void* keys(int layer, int head, int b) const { return blocks_[b]->k.get() + offset(layer, head); }
+  const void* values(int layer, int head, int b) const { return blocks_[b]->v.get() + offset(layer, head); }
   void set_length(int n) { length_ = n; }
+  // Blocks this cache holds, and how many of them it shares with another cache (for tests and accounting).
+  int blocks_held() const;
+  int blocks_shared() const;
 
  private:
-  int64_t offset(int layer, int head) const {  // in bytes
-    return ((static_cast<int64_t>(layer) * n_head_ + head) * padded_capacity_) * head_dim_ * elem_;
+  int64_t offset(int layer, int head) const {  // in bytes, within a block's k or v
+    return (static_cast<int64_t>(layer) * n_head_ + head) * head_dim_ * kBlockCols * elem_;
   }
-  int n_layer_, n_head_, head_dim_, capacity_, padded_capacity_, length_ = 0;
+  int n_layer_, n_head_, head_dim_, capacity_, length_ = 0;
   DType dtype_;
-  int elem_;  // bytes per element
-  std::unique_ptr<char[]> k_, v_;
+  int elem_;             // bytes per element
+  int64_t block_bytes_;  // of a block's k (and of its v)
+  std::vector<std::shared_ptr<KVBlock>> blocks_;  // ceil(capacity / 64) slots
 };
 
 // One sequence's share of a forward pass: its cache, the new tokens to append, and which logits it wants.
