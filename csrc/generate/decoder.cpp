@@ -299,11 +299,17 @@ std::vector<StepOutput> Decoder::step() {
       s.draft_cache->truncate(s.n_draft_fed);
     }
     if (P > 0 && s.spec.adaptive) {
+      // transformers' heuristic (+2 after full acceptance, -1 otherwise), except that a step that accepted
+      // nothing halves K: a draft that does not agree stops costing draft tokens sooner (4, 2, 1 instead of 4,
+      // 3, 2, 1). When K reaches 0 the proposals rest, longer each time, then one is tried again.
       if (n_accepted[i] == P) {
         s.k = std::min(s.k + 2, 32);
-      } else if (--s.k <= 0) {  // proposals keep failing: rest, longer each time, then try one again
-        s.k = 1;
-        s.cooldown = 8 << std::min(s.failures++, 5);
+      } else {
+        s.k = n_accepted[i] == 0 ? s.k / 2 : s.k - 1;
+        if (s.k <= 0) {
+          s.k = 1;
+          s.cooldown = 8 << std::min(s.failures++, 5);
+        }
       }
       if (n_accepted[i] > 0) s.failures = 0;
     }
