@@ -182,10 +182,12 @@ void attention_rows(float* out, const float* q, const typename WR::T* const* kb,
         else with_nc<ValueCols<WR, false>::template F>(nc, o, p, vb, n_keys, hd, c0, rem);
       }
   } else {
+    // A value block [64][hd] with hd = 64 (every GPT-2 size) is a one-block [rows, 64] matrix of the blocked
+    // layout: the direct path reads it in place instead of packing it.
     for (int b = 0; b < n_blocks; ++b) {
       const int rows = n_keys - b * kBlockCols < kBlockCols ? n_keys - b * kBlockCols : kBlockCols;
-      matmul_detail::matmul_impl<WR>(out, S + b * kBlockCols, vb[b], false, nullptr, T, rows, hd, n_keys, ld_out, hd,
-                                     b > 0);
+      matmul_detail::matmul_impl<WR>(out, S + b * kBlockCols, vb[b], hd == kBlockCols, nullptr, T, rows, hd, n_keys,
+                                     ld_out, hd, b > 0);
     }
   }
 }
