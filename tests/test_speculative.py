@@ -200,5 +200,13 @@ def test_kv_blocks_shared_copy_on_write_and_freed_by_reference(models, kv):
     assert np.array_equal(got_a, fresh_logits(prompt + [5, 6])[100:])
     del a  # b alone holds block 0 now: freed by reference count, not copied
     assert (b.blocks_held, b.blocks_shared) == (2, 0)
+    # a cache truncated back into a shared block, then written past it (speculation's rollback over a shared
+    # prefix): both shared blocks are copied, the second one with nothing of it in use
+    c = model.new_cache(128)
+    c.share_prefix_from(b, 100)
+    c.truncate(10)
+    assert np.array_equal(model.forward(c, other + other), fresh_logits(prompt[:10] + other + other)[10:])
+    assert (c.blocks_shared, b.blocks_shared) == (0, 0)
+    assert np.array_equal(model.forward(b, [7]), fresh_logits(prompt[:70] + other + [7])[100:])
     with pytest.raises(ValueError, match="prefix longer than the cache"):
-        model.new_cache(128).share_prefix_from(b, 101)
+        model.new_cache(128).share_prefix_from(b, b.length + 1)

@@ -101,7 +101,7 @@ void KVCache::prepare_append(int n) {
     fresh->k.reset(new char[block_bytes_]);
     fresh->v.reset(new char[block_bytes_]);
     if (slot) {  // shared: copy the positions filled so far (keys whole: [head_dim][64] rows are interleaved)
-      const int filled = length_ - b * kBlockCols;
+      const int filled = std::clamp(length_ - b * kBlockCols, 0, kBlockCols);  // 0: a block past a truncation
       std::memcpy(fresh->k.get(), slot->k.get(), block_bytes_);
       const int64_t per_head = static_cast<int64_t>(head_dim_) * kBlockCols * elem_;
       for (int64_t h = 0; h < static_cast<int64_t>(n_layer_) * n_head_; ++h)
