@@ -75,6 +75,21 @@ def test_int8_layout_roundtrip():
     assert np.abs(back - w).max() < 0.05  # with the outlier row apart, its groups keep fine steps too
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int8_quantized_in_column_chunks_as_whole(bits):
+    """quantize_int8 works through 16 column blocks at a time (to bound its temporaries): a matrix of 23 blocks
+    gives, block for block, what its two column slices give on their own, outlier rows and a ragged edge too."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((70, 1450)).astype(np.float32)
+    whole = quantize_int8("w", w, [5], bits)
+    first, rest = quantize_int8("w", w[:, :1024], [5], bits), quantize_int8("w", w[:, 1024:], [5], bits)
+    for suffix in ("", ".scale"):
+        assert whole["w" + suffix].shape[0] == 23
+        np.testing.assert_array_equal(whole["w" + suffix], np.concatenate([first["w" + suffix], rest["w" + suffix]]))
+    np.testing.assert_array_equal(whole["w.outlier_weights"], np.hstack([first["w.outlier_weights"],
+                                                                         rest["w.outlier_weights"]]))
+
+
 def test_blocked_layout_roundtrip():
     w = np.arange(7 * 130, dtype=np.float32).reshape(7, 130)
     b = to_blocked(w)

@@ -66,7 +66,10 @@ GROUP = 32
 def residual_outlier_channels(wte: np.ndarray) -> np.ndarray:
     """The residual stream's large-magnitude channels, read off the token embedding [vocab, n_embd]: those whose
     RMS over the vocabulary is over 4x the median channel's (at most n_embd / 16 of them), increasing."""
-    rms = np.sqrt(np.mean(np.square(wte, dtype=np.float64), axis=0))
+    squares = np.zeros(wte.shape[1], dtype=np.float64)
+    for r0 in range(0, wte.shape[0], 4096):  # in slices: no float64 copy of the whole table
+        squares += np.square(wte[r0:r0 + 4096], dtype=np.float64).sum(axis=0)
+    rms = np.sqrt(squares / max(1, wte.shape[0]))
     big = np.flatnonzero(rms > 4.0 * np.median(rms))
     big = big[np.argsort(rms[big])[::-1][:max(1, wte.shape[1] // 16)]]
     return np.sort(big).astype(np.int32)
@@ -82,29 +85,42 @@ def quantize_int8(name: str, w: np.ndarray, outlier_rows=None, bits: int = 8) ->
     byte (n, k%4) of quad pair p holding quad 2p in its low nibble and quad 2p+1 in its high one."""
     K, N = w.shape
     Kp, nb = -(-K // GROUP) * GROUP, -(-N // BLOCK_COLS)
-    padded = np.zeros((Kp, nb * BLOCK_COLS), dtype=np.float32)
-    padded[:K, :N] = w
+    qmax = 127 if bits == 8 else 7
     out = {}
+    rows = None
     if outlier_rows is not None and len(outlier_rows):
         rows = np.asarray(outlier_rows, dtype=np.int32)
         out[name + ".outlier_rows"] = rows
         out[name + ".outlier_weights"] = np.ascontiguousarray(_to_fp16(name, w[rows]))
-        padded[rows] = 0.0
-    qmax = 127 if bits == 8 else 7
-    groups = padded.reshape(Kp // GROUP, GROUP, nb * BLOCK_COLS)
-    amax = np.abs(groups).max(axis=1)
-    if not np.isfinite(amax).all() or amax.max(initial=0.0) / qmax > 65504:
-        raise ValueError(f"tensor {name!r} has values beyond int{bits} with float16 scales (up to {amax.max():g})")
-    scale = (amax / np.float32(qmax)).astype(np.float16)
-    s32 = scale.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s32[:, None, :] > 0, np.rint(groups / s32[:, None, :]), 0.0)
-    q = q.clip(-qmax, qmax).astype(np.int8).reshape(Kp // 4, 4, nb, BLOCK_COLS).transpose(2, 0, 3, 1)
-    if bits == 4:
-        pairs = (q + 8).astype(np.uint8).reshape(nb, Kp // 8, 2, BLOCK_COLS, 4)
-        q = pairs[:, :, 0] | (pairs[:, :, 1] << np.uint8(4))
-    out[name] = np.ascontiguousarray(q)
-    out[name + ".scale"] = np.ascontiguousarray(scale.reshape(Kp // GROUP, nb, BLOCK_COLS).transpose(1, 0, 2))
+    q_all = np.empty((nb, Kp // (8 if bits == 4 else 4), BLOCK_COLS, 4), dtype=np.uint8 if bits == 4 else np.int8)
+    scale_all = np.empty((nb, Kp // GROUP, BLOCK_COLS), dtype=np.float16)
+    # Columns go CHUNK blocks at a time (every step below is per column), so that the float temporaries stay a
+    # few MB instead of several copies of the whole matrix (the embedding of gpt2 is 154 MB in float32).
+    CHUNK = 16
+    for b0 in range(0, nb, CHUNK):
+        b1 = min(nb, b0 + CHUNK)
+        c0, c1 = b0 * BLOCK_COLS, min(N, b1 * BLOCK_COLS)
+        cols = (b1 - b0) * BLOCK_COLS
+        padded = np.zeros((Kp, cols), dtype=np.float32)
+        padded[:K, :c1 - c0] = w[:, c0:c1]
+        if rows is not None:
+            padded[rows] = 0.0
+        groups = padded.reshape(Kp // GROUP, GROUP, cols)
+        amax = np.abs(groups).max(axis=1)
+        if not np.isfinite(amax).all() or amax.max(initial=0.0) / qmax > 65504:
+            raise ValueError(f"tensor {name!r} has values beyond int{bits} with float16 scales (up to {amax.max():g})")
+        scale = (amax / np.float32(qmax)).astype(np.float16)
+        s32 = scale.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(s32[:, None, :] > 0, np.rint(groups / s32[:, None, :]), 0.0)
+        q = q.clip(-qmax, qmax).astype(np.int8).reshape(Kp // 4, 4, b1 - b0, BLOCK_COLS).transpose(2, 0, 3, 1)
+        if bits == 4:
+            pairs = (q + 8).astype(np.uint8).reshape(b1 - b0, Kp // 8, 2, BLOCK_COLS, 4)
+            q = pairs[:, :, 0] | (pairs[:, :, 1] << np.uint8(4))
+        q_all[b0:b1] = q
+        scale_all[b0:b1] = scale.reshape(Kp // GROUP, b1 - b0, BLOCK_COLS).transpose(1, 0, 2)
+    out[name] = q_all
+    out[name + ".scale"] = scale_all
     return out
 
 
