@@ -208,3 +208,16 @@ def test_sigterm_drains_in_flight_requests(model_dir):
     assert s.proc.wait(timeout=120) in (0, -signal.SIGTERM)
     code, body = out[0]
     assert code == 200 and body["usage"]["completion_tokens"] == 200
+
+
+def test_weight_format_and_kv_cache_options(model_dir):
+    """--dtype and --kv-cache-dtype reach the model: greedy text equals the library's with the same options."""
+    s = Server(model_dir, "--dtype", "int8", "--kv-cache-dtype", "fp32")
+    try:
+        lib = gptcpp.GPT2.from_pretrained(model_dir, dtype="int8", kv_cache_dtype="fp32")
+        want = lib.generate("Once upon a time", max_new_tokens=12).text
+        code, body = s.post("/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 12,
+                                                            "temperature": 0}).encode())
+        assert code == 200 and body["choices"][0]["text"] == want
+    finally:
+        s.stop()
