@@ -244,15 +244,10 @@ inline void blocked_tail(int rows, float* out, const float* inp, const typename 
 }
 
 // Column blocks b0..b1-1, each in passes of CV vectors over SR rows at a time: a pass reads its weights once
-// from memory and the pass's other row tiles find them in L1/L2. Used for every row count on AVX-512 and up
-// to WIDE_PACK_MAX_M rows on AVX2 (see matmul_impl): measured on 12 layers of fp16 gpt2 weights cold in cache
-// (Zen 5, 2 threads) against packing panels, AVX-512 16 rows 9 ms instead of 16, 64 rows 27 instead of 37, 512
-// rows 192 instead of 204; AVX2 16 rows 16 ms instead of 48, but 512 rows 415 instead of 393.
-template <class WR>
-inline void blocked_direct(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
+// from memory and the pass's other row tiles find them in L1/L2.
+template <class WR, int SR, int CV>
+inline void blocked_passes(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
                            int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
-  // SR x CV sums + CV weights + a broadcast within the register file (16 YMM / 32 ZMM).
-  constexpr int CV = 4, SR = W == 16 ? 6 : 2;
   constexpr int PASS = CV * W;
   for (int b = b0; b < b1; ++b) {
     for (int c = 0; c < BLOCK_COLS; c += PASS) {
@@ -268,6 +263,28 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
         blocked_tail<WR, SR, CV>(M - m, out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block,
                                  bias, K, ldi, ldo, n0, ncols, accumulate);
     }
+  }
+}
+
+// The blocked layout read in place at every row count (only row-major weights are packed, see matmul_impl).
+// Tile shapes (SR x CV sums + CV weights + a broadcast within 32 ZMM / 16 YMM registers), by measurement on
+// 12 layers of gpt2 weights cold in cache, Zen 5, 2 threads:
+// - AVX-512: 6 x 4 at every row count; against packing panels, fp16 16 rows 9 ms instead of 16, 64 rows 27
+//   instead of 37, 512 rows 192 instead of 204.
+// - AVX2: 2 x 4 for a few rows (fp32 8 rows 276 tok/s against 264 with 6 x 2); past them 6 x 2, 16 columns (a
+//   cache line of fp32) per pass, each weight register shared by three times as many rows: fp32 batch-16
+//   decode 346 -> 427 tok/s, pp512 1,215 -> 1,300 (packed before), the attention's own products included.
+//   fp16 and bf16, whose 6 x 2 pass reads half a line, keep 2 x 4 up to 64 rows (batch-16 654 against 611
+//   tok/s) and take 6 x 2 above (fp16 pp512 1,299 -> 1,405, bf16 1,371 -> 1,402).
+template <class WR>
+inline void blocked_direct(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
+                           int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
+  if constexpr (W == 16) {
+    blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+  } else {
+    if (M > (std::is_same_v<WR, F32W> ? 8 : WIDE_PACK_MAX_M))
+      return blocked_passes<WR, 6, 2>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    blocked_passes<WR, 2, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   }
 }
 
@@ -374,8 +391,7 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
   constexpr int NB = NV * W;
   const int nblocks = (N + NB - 1) / NB;
   // The blocked layout is read in place by the direct path (see blocked_direct); row-major weights are packed.
-  const bool direct = blocked && (W == 16 || M <= WIDE_PACK_MAX_M);
-  if (M >= PACK_MIN_M && !direct) {
+  if (M >= PACK_MIN_M && !blocked) {
 #pragma omp parallel
     {
       const int nt = thread_count(), t = thread_index();
