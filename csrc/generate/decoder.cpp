@@ -236,8 +236,7 @@ std::vector<StepOutput> Decoder::step() {
   // 3. Accept, per sequence.
   std::vector<std::vector<StepOutput>> emitted(n);
   std::vector<int> n_accepted(n, 0);
-#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
-  for (int i = 0; i < n; ++i) {
+  auto accept = [&](int i) {
     Sequence& s = order[i]->second;
     const int n_before = static_cast<int>(s.tokens.size());
     const int P = static_cast<int>(s.proposals.size());
@@ -313,6 +312,12 @@ std::vector<StepOutput> Decoder::step() {
       }
       if (n_accepted[i] > 0) s.failures = 0;
     }
+  };
+  if (n > 1) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < n; ++i) accept(i);
+  } else if (n == 1) {  // outside the OpenMP runtime: see cpu/parallel.h
+    accept(0);
   }
   for (int i = 0; i < n; ++i) {
     Sequence& s = order[i]->second;

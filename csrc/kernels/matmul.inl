@@ -424,26 +424,22 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
   const bool parallel = static_cast<int64_t>(M) * K * N > 32768;
   if (blocked) {  // threads split the column blocks
     const int nb = (N + BLOCK_COLS - 1) / BLOCK_COLS;
-#pragma omp parallel if (parallel)
-    {
-      const int nt = thread_count(), t = thread_index();
+    parallel_region_if(parallel, [&](int t, int nt) {
       const int b0 = static_cast<int>(static_cast<int64_t>(nb) * t / nt);
       const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
       if (b1 > b0) blocked_direct<WR>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
-    }
+    });
     return;
   }
   // Few rows: threads split the columns into contiguous ranges of whole cache lines.
-#pragma omp parallel if (parallel)
-  {
-    const int nt = thread_count(), t = thread_index();
+  parallel_region_if(parallel, [&](int t, int nt) {
     const int lines = (N + 15) / 16;
     const int c0 = static_cast<int>(static_cast<int64_t>(lines) * t / nt) * 16;
     const int c1 = t + 1 == nt ? N : static_cast<int>(static_cast<int64_t>(lines) * (t + 1) / nt) * 16;
     if (c1 > c0)
       streaming_columns<WR>(out, inp, weight, bias, M, K, ldi, ldo, ldw, c0, c1, accumulate,
                         scratch_floats(static_cast<int64_t>(M) * (c1 - c0), 0));
-  }
+  });
 }
 
 }  // namespace matmul_detail
@@ -512,9 +508,8 @@ template <class WR>
 void matmul_nt_impl(float* out, const float* inp, const typename WR::T* weight, int M, int K, int N,
                     int ldo) {
   const int nblocks = (N + NT_NR - 1) / NT_NR;
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(M) * K * N > 32768)
-  for (int b = 0; b < nblocks; ++b) {
-    const int n0 = b * NT_NR, nrows = (N - n0 < NT_NR ? N - n0 : NT_NR);
+  parallel_for_if(static_cast<int64_t>(M) * K * N > 32768, nblocks, [&](int64_t b) {
+    const int n0 = static_cast<int>(b) * NT_NR, nrows = (N - n0 < NT_NR ? N - n0 : NT_NR);
     int m = 0;
     for (; m + NT_MR <= M; m += NT_MR)
       nt_rows<WR, NT_MR>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, K, ldo,
@@ -522,7 +517,7 @@ void matmul_nt_impl(float* out, const float* inp, const typename WR::T* weight, 
     for (; m < M; ++m)
       nt_rows<WR, 1>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * K, weight, K, ldo, n0,
                      nrows);
-  }
+  });
 }
 
 }  // namespace matmul_detail

@@ -36,8 +36,7 @@ inline float vec_sum_sq(const float* x, int n, float mean) {
 void layernorm_forward(float* out, const float* inp, const float* weight, const float* bias, int M, int C,
                        float eps) {
   using namespace norms_detail;
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(M) * C > 65536)
-  for (int m = 0; m < M; ++m) {
+  parallel_for_if(static_cast<int64_t>(M) * C > 65536, M, [&](int64_t m) {
     const float* x = inp + static_cast<int64_t>(m) * C;
     float* o = out + static_cast<int64_t>(m) * C;
     const float mean = vec_sum(x, C, 0.0f) / C;
@@ -53,7 +52,7 @@ void layernorm_forward(float* out, const float* inp, const float* weight, const 
       R y = Vec::mul(Vec::sub(Vec::load_partial(x + i, rem), vm), vr);
       Vec::store_partial(o + i, Vec::fma(y, Vec::load_partial(weight + i, rem), Vec::load_partial(bias + i, rem)), rem);
     }
-  }
+  });
 }
 
 namespace norms_detail {
@@ -85,8 +84,7 @@ void activation_forward(float* x, int64_t n, Activation act) {
   using namespace norms_detail;
   if (act == Activation::linear) return;
   const int64_t nvec = n / W;
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t b = 0; b < nvec; ++b) Vec::store(x + b * W, activate(Vec::load(x + b * W), act));
+  parallel_for_if(n > 65536, nvec, [&](int64_t b) { Vec::store(x + b * W, activate(Vec::load(x + b * W), act)); });
   const int64_t i = nvec * W;
   if (i < n) {
     const int rem = static_cast<int>(n - i);

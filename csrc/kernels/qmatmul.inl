@@ -253,13 +253,13 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
                  int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
   constexpr int UNIT = CV * L;
   const int units = (N + BLOCK - 1) / BLOCK * (BLOCK / UNIT);
-#pragma omp parallel if (parallel)
-  {
-    const int nt = thread_count(), t = thread_index();
+  parallel_region_if(parallel, [&](int t, int nt) {
     quantize_rows(const_cast<int8_t*>(x.xq), const_cast<float*>(x.xs), const_cast<int32_t*>(x.xc),
                   const_cast<float*>(x.xo), inp, skip, w.outlier_rows, x.n_out, static_cast<int>(static_cast<int64_t>(M) * t / nt),
                   static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt), K, x.Kp, ldi);
+    if (nt > 1) {
 #pragma omp barrier
+    }
     // Contiguous column units per thread; rows split too when there are too few units for the team.
     const int mgroups = units >= 2 * nt || M < 2 * ROWS ? 1 : (2 * nt + units - 1) / units;
     const int tasks = units * mgroups;
@@ -273,7 +273,7 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
       q8_range<ROWS, CV, Q4>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
       task += u_end - u;
     }
-  }
+  });
 }
 
 }  // namespace qmatmul_detail

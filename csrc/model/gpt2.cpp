@@ -1,6 +1,7 @@
 #include "model/gpt2.h"
 
 #include "cpu/half.h"
+#include "cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -228,9 +229,9 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
     // a long prompt the transposed key writes are scattered enough to be worth both cores.
     const int n_kv = static_cast<int>(items.size()) * H;
     const bool half = c.kv_dtype == DType::f16;
-    float kv_max = 0.0f;
-#pragma omp parallel for schedule(static) if (M * C > 65536) reduction(max : kv_max)
-    for (int task = 0; task < n_kv; ++task) {
+    // The largest magnitude written, as a max-reduction (the half cache refuses one beyond its range).
+    auto write_kv = [&](int task) {
+      float kv_max = 0.0f;
       const int i = task / H, h = task % H;
       const auto& it = items[i];
       for (int t = 0; t < it.n_tokens; ++t) {
@@ -257,6 +258,14 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
                       sizeof(float) * hd);
         }
       }
+      return kv_max;
+    };
+    float kv_max = 0.0f;
+    if (M * C > 65536) {
+#pragma omp parallel for schedule(static) reduction(max : kv_max)
+      for (int task = 0; task < n_kv; ++task) kv_max = std::max(kv_max, write_kv(task));
+    } else {  // outside the OpenMP runtime: see cpu/parallel.h
+      for (int task = 0; task < n_kv; ++task) kv_max = std::max(kv_max, write_kv(task));
     }
     if (half && !(kv_max < 65520.0f))
       throw std::overflow_error("a key or value of layer " + std::to_string(l) + " is " + std::to_string(kv_max) +
@@ -278,14 +287,12 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
                           c.kv_dtype, un.rows, it.cache->length() + un.t0, hd, 3 * C, C, scale);
     };
     if (decoding) {  // units of equal cost: each thread takes every nt-th, prefetching its next one
-#pragma omp parallel if (n_units > 1)
-      {
-        const int nt = thread_count();
-        for (int u = thread_index(); u < n_units; u += nt) {
+      parallel_region_if(n_units > 1, [&](int t, int nt) {
+        for (int u = t; u < n_units; u += nt) {
           if (u + nt < n_units) prefetch_unit(units[u + nt], l);
           run_unit(u);
         }
-      }
+      });
     } else {  // a prompt's chunks cost more the later they sit: taken as threads come free
 #pragma omp parallel for schedule(dynamic, 1) if (n_units > 1)
       for (int u = 0; u < n_units; ++u) run_unit(u);
