@@ -111,12 +111,14 @@ struct QRows {
 // same operations in the same order either way.
 template <int ROWS, int CV, bool Q4>
 inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const uint16_t* sblock, int c,
-                    const float* bias, int n0, int ncols, bool accumulate, int g0, int g1, float* partial) {
+                    const float* bias, int n0, int ncols, bool accumulate, int slice_g0, int slice_g1, float* partial) {
   constexpr int UNIT = CV * L;
+  const int Kp = x.Kp, groups = Kp / GROUP;
+  // int4 is never sliced (q8_range): its tiles keep the whole-k loop the compiler sees as such.
+  const int g0 = Q4 ? 0 : slice_g0, g1 = Q4 ? groups : slice_g1;
   R acc[ROWS][CV];
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = g0 == 0 ? Vec::zero() : Vec::load(partial + i * UNIT + j * L);
-  const int Kp = x.Kp, groups = Kp / GROUP;
   // What the weights' offset adds per unit of the activations' sum: int4 + 8, int8 + 128 with VNNI.
   constexpr int32_t offset = Q4 ? 8 : QDot::offset ? 128 : 0;
   const int8_t* wq = wblock + c * 4 + static_cast<int64_t>(g0) * (Q4 ? QUADS / 2 : QUADS) * QUAD_BYTES;
@@ -206,7 +208,8 @@ inline void q8_tail(int rows, float* out, int ldo, QRows x, const int8_t* wb, co
 // the first read the slice from L1, not L2 (a unit of 64 int8 columns is 48 KB at K = 768 and 192 KB at
 // 3,072, against Zen 5's 48 KB L1); the tiles' float sums wait in `partial` between slices. Measured on Zen 5,
 // 2 threads, gpt2's four matrix shapes in int8 (warm): 512 rows 1,310 -> 1,405 GOP/s, 16 rows 965 -> 1,190;
-// gpt2 int8 pp512 5,470 -> 5,975 tok/s, batch-16 decode +2%; int4 (16 KB units at K = 768) unchanged.
+// gpt2 int8 pp512 5,470 -> 5,975 tok/s, batch-16 decode +2%. int4 (16 KB units at K = 768) measured 2%
+// slower in slices and goes whole.
 constexpr int SLICE_BYTES = 32768;
 
 template <int ROWS, int CV, bool Q4>
@@ -217,7 +220,7 @@ inline void q8_range(float* out, QRows x, const WeightView& w, const float* bias
   const uint16_t* s = w.group_scales;
   const int Kp = x.Kp, groups = Kp / GROUP;
   constexpr int SLICE_GROUPS = SLICE_BYTES / (GROUP * UNIT / (Q4 ? 2 : 1));
-  const int n_slices = m1 - m0 > 4 * ROWS ? (groups + SLICE_GROUPS - 1) / SLICE_GROUPS : 1;
+  const int n_slices = !Q4 && m1 - m0 > 4 * ROWS ? (groups + SLICE_GROUPS - 1) / SLICE_GROUPS : 1;
   const int slice = (groups + n_slices - 1) / n_slices;  // slices of equal size
   float* partial = n_slices > 1 ? scratch_floats(static_cast<int64_t>(m1 - m0) * UNIT, 0) : nullptr;
   for (int u = u0; u < u1; ++u) {
