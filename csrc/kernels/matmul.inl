@@ -282,7 +282,8 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
   if constexpr (W == 16) {
     blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   } else {
-    if (M > (std::is_same_v<WR, F32W> ? 8 : WIDE_PACK_MAX_M))
+    constexpr int narrow_tile_max_rows = std::is_same_v<WR, F32W> ? 8 : 64;
+    if (M > narrow_tile_max_rows)
       return blocked_passes<WR, 6, 2>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     blocked_passes<WR, 2, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   }
