@@ -271,21 +271,25 @@ inline void blocked_passes(float* out, const float* inp, const typename WR::T* w
 // 12 layers of gpt2 weights cold in cache, Zen 5, 2 threads:
 // - AVX-512: 6 x 4 at every row count; against packing panels, fp16 16 rows 9 ms instead of 16, 64 rows 27
 //   instead of 37, 512 rows 192 instead of 204.
-// - AVX2: 2 x 4 for a few rows (fp32 8 rows 276 tok/s against 264 with 6 x 2); past them 6 x 2, 16 columns (a
-//   cache line of fp32) per pass, each weight register shared by three times as many rows: fp32 batch-16
-//   decode 346 -> 427 tok/s, pp512 1,215 -> 1,300 (packed before), the attention's own products included.
-//   fp16 and bf16, whose 6 x 2 pass reads half a line, keep 2 x 4 up to 64 rows (batch-16 654 against 611
-//   tok/s) and take 6 x 2 above (fp16 pp512 1,299 -> 1,405, bf16 1,371 -> 1,402).
+// - AVX2, one row (decoding), and fp32 up to 8 rows: 1 x 8, a whole block per pass, each 256-byte row of fp32
+//   read front to back (the weights go straight from memory into the FMAs, 8 sums + a broadcast in registers);
+//   2 x 4 read two lines of every four and left the other two for a second pass: gpt2 decode fp32 75 -> 92
+//   tok/s, fp16 163 -> 186, bf16 146 -> 183, fp32 batch-4 213 -> 277, batch-8 292 -> 380. fp16 and bf16 keep
+//   2 x 4 from 2 to 64 rows, where 1 x 8 would widen each weight once per row (fp16 batch-8 583 against 520).
+//   Past those, 6 x 2, 16 columns (a cache line of fp32) per pass, each weight register shared by three times
+//   as many rows: fp32 batch-16 decode 346 -> 427 tok/s, pp512 1,215 -> 1,300 (packed before), the attention's
+//   own products included; fp16 pp512 1,299 -> 1,405, bf16 1,371 -> 1,402.
 template <class WR>
 inline void blocked_direct(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
                            int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
   if constexpr (W == 16) {
     blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   } else {
-    constexpr int narrow_tile_max_rows = std::is_same_v<WR, F32W> ? 8 : 64;
-    if (M > narrow_tile_max_rows)
-      return blocked_passes<WR, 6, 2>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
-    blocked_passes<WR, 2, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    constexpr bool f32 = std::is_same_v<WR, F32W>;
+    if (M == 1 || (f32 && M <= 8))
+      return blocked_passes<WR, 1, 8>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    if (!f32 && M <= 64) return blocked_passes<WR, 2, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    blocked_passes<WR, 6, 2>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   }
 }
 
