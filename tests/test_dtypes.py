@@ -184,6 +184,18 @@ def test_int8_matmul_in_k_slices_same_bits_as_rows_alone(isa, bits):
     assert np.abs(batched[:3] - start[:3] - ref).max() < 0.05 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int4_matmul_at_the_extremes(isa, sign):
+    """Every int4 weight at +7 (stored 15) against activations at +-127: the largest sums a group makes, which
+    the levels without VNNI keep in int16 lanes for a whole group (at most 8 * 2 * 15 * 127 = 30,480)."""
+    M, K, N = 3, 96, 64
+    a = np.full((M, K), sign, np.float32)
+    t = quantize_int8("w", np.ones((K, N), np.float32), bits=4)
+    out = _core.kernels.matmul(isa, a, t["w"], None, np.zeros((M, N), np.float32), False, t["w.scale"])
+    np.testing.assert_array_equal(out, int8_reference(a, t["w"], t["w.scale"], K, N, np.zeros(N, np.float32)))
+    np.testing.assert_allclose(out, sign * K, rtol=1e-3)
+
+
 def test_int8_matmul_propagates_nan():
     a = np.ones((2, 64), np.float32)
     a[1, 40] = np.nan

@@ -97,11 +97,16 @@ struct QDot {
   static inline ireg low_nibbles(ireg w) { return _mm256_and_si256(w, _mm256_set1_epi8(0x0F)); }
   static inline ireg high_nibbles(ireg w) { return _mm256_and_si256(_mm256_srli_epi16(w, 4), _mm256_set1_epi8(0x0F)); }
 #ifdef __AVXVNNI__
-  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
-#else
-  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+  static inline ireg nibble_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) {
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, x0), hi, x1);
   }
+  static inline ireg group_sum(ireg acc) { return acc; }
+#else
+  // A group's int4 products summed in int16 lanes, widened once (see vec_avx512.h).
+  static inline ireg nibble_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) {
+    return _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)));
+  }
+  static inline ireg group_sum(ireg acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
 #endif
 };
 

@@ -100,11 +100,20 @@ struct QDot {
   static inline ireg low_nibbles(ireg w) { return _mm512_and_si512(w, _mm512_set1_epi8(0x0F)); }
   static inline ireg high_nibbles(ireg w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(0x0F)); }
 #ifdef __AVX512VNNI__
-  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) { return _mm512_dpbusd_epi32(acc, w, x); }
-#else
-  static inline ireg dot_unsigned(ireg acc, ireg x, ireg w) {
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+  // One pair of int4 quads (low nibbles against x0, high against x1) into a group's sums, and the group's sums
+  // as int32 lanes: with VNNI they are int32 all along.
+  static inline ireg nibble_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, lo, x0), hi, x1);
   }
+  static inline ireg group_sum(ireg acc) { return acc; }
+#else
+  // Without VNNI a group's int4 products are summed in int16 lanes and widened to int32 once a group instead of
+  // once a quad: a lane of vpmaddubsw is two products of a weight in 0..15 and an activation in -127..127, at
+  // most 3,810 in size, and a group adds 8 of them, at most 30,480 < 32,767, so nothing saturates or wraps.
+  static inline ireg nibble_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) {
+    return _mm512_add_epi16(acc, _mm512_add_epi16(_mm512_maddubs_epi16(lo, x0), _mm512_maddubs_epi16(hi, x1)));
+  }
+  static inline ireg group_sum(ireg acc) { return _mm512_madd_epi16(acc, _mm512_set1_epi16(1)); }
 #endif
 };
 

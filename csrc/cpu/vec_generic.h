@@ -84,6 +84,10 @@ struct QDot {
                     static_cast<int32_t>((static_cast<uint32_t>(w.v[i]) >> (8 * b)) & 0xFF);
     return acc;
   }
+  static inline ireg nibble_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) {
+    return dot_unsigned(dot_unsigned(acc, x0, lo), x1, hi);
+  }
+  static inline ireg group_sum(ireg acc) { return acc; }
   static inline ireg dot(ireg acc, ireg x, ireg w) {
     for (int i = 0; i < 8; ++i)
       for (int b = 0; b < 4; ++b)

@@ -138,9 +138,11 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
         for (int i = 0; i < ROWS; ++i) {
           const I x0 = QDot::bcast(four_bytes(xg + static_cast<int64_t>(i) * Kp));
           const I x1 = QDot::bcast(four_bytes(xg + static_cast<int64_t>(i) * Kp + 4));
-          for (int j = 0; j < CV; ++j) sum[i][j] = QDot::dot_unsigned(QDot::dot_unsigned(sum[i][j], x0, lo[j]), x1, hi[j]);
+          for (int j = 0; j < CV; ++j) sum[i][j] = QDot::nibble_pair(sum[i][j], x0, lo[j], x1, hi[j]);
         }
       }
+      for (int i = 0; i < ROWS; ++i)
+        for (int j = 0; j < CV; ++j) sum[i][j] = QDot::group_sum(sum[i][j]);
     } else {
       for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES, xg += 4) {
         I w[CV];
