@@ -145,6 +145,11 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
         for (int j = 0; j < CV; ++j) sum[i][j] = QDot::group_sum(sum[i][j]);
     } else {
       for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES, xg += 4) {
+        if constexpr (ROWS == 1) {  // each weight register used as soon as loaded: AVX2's 16 hold the 8 sums
+          const I xb = QDot::bcast(four_bytes(xg));
+          for (int j = 0; j < CV; ++j) sum[0][j] = QDot::dot(sum[0][j], xb, QDot::weights(QDot::load(wq + j * L * 4)));
+          continue;
+        }
         I w[CV];
         for (int j = 0; j < CV; ++j) w[j] = QDot::weights(QDot::load(wq + j * L * 4));
         for (int i = 0; i < ROWS; ++i) {
