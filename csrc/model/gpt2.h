@@ -80,7 +80,8 @@ class KVCache {
   // Makes positions length .. length + n - 1 writable (allocated, held by this cache alone). Not thread-safe:
   // the model calls it for every sequence before a forward pass writes.
   void prepare_append(int n);
-  // Block b (positions 64 b ..) of (layer, head): keys [head_dim][64], values [64][head_dim]. Null if absent.
+  // Block b (positions 64 b ..) of (layer, head): keys [head_dim][64], values [64][head_dim]. The block must be
+  // held: b below ceil(length / 64), or made writable by prepare_append.
   void* keys(int layer, int head, int b) { return blocks_[b]->k.get() + offset(layer, head); }
   void* values(int layer, int head, int b) { return blocks_[b]->v.get() + offset(layer, head); }
   const void* keys(int layer, int head, int b) const { return blocks_[b]->k.get() + offset(layer, head); }

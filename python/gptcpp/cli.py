@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from .quantize import DTYPES
+from .quantize import DTYPES, KV_CACHE_DTYPES
 
 DEFAULT_MODEL = "gpt2"
 
@@ -33,7 +33,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weight format (default: fp32, or what a quantized checkpoint stores)")
-    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16"], default=None,
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
                    help="KV cache storage (default: fp32 for fp32 weights, fp16 for the other formats)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
 
@@ -41,7 +41,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _load(args, **kw):
     from .model import GPT2
     return GPT2.from_pretrained(args.model, threads=args.threads, dtype=args.dtype,
-                                kv_cache_dtype=getattr(args, "kv_cache_dtype", None), **kw)
+                                kv_cache_dtype=args.kv_cache_dtype, **kw)
 
 
 # ---- generate --------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def _add_info(sub):
     p = sub.add_parser("info", help="model config, weight format, instruction set, threads, bundled models")
     p.add_argument("--model", default=None, help="a model to describe (default: only the machine and the package)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16"], default=None)
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_info)
 

@@ -11,7 +11,7 @@ from .config import GPT2Config
 from .generation import (GenerationResult, ScoreResult, TextStream, TokenLogprob, cut_at_stop, sampling_dict,
                          speculation_dict, validate_options)
 from .loading import expected_shapes, load_checkpoint
-from .quantize import check_dtype, convert_tensors
+from .quantize import KV_CACHE_DTYPES, check_dtype, convert_tensors
 from .tokenizer import GPT2Tokenizer
 
 _EARLY_STOPPING = {False: 0, True: 1, "never": 2}
@@ -20,7 +20,7 @@ _EARLY_STOPPING = {False: 0, True: 1, "never": 2}
 def _kv_cache_dtype(kv_cache_dtype: str | None, dtype: str) -> str:
     if kv_cache_dtype is None:
         return "fp32" if dtype == "fp32" else "fp16"
-    if kv_cache_dtype not in ("fp32", "fp16"):
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be 'fp32' or 'fp16', got {kv_cache_dtype!r}")
     return kv_cache_dtype
 

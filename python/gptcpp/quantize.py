@@ -29,11 +29,18 @@ from __future__ import annotations
 import numpy as np
 
 DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
+# How the KV cache may store keys and values (model.GPT2's kv_cache_dtype).
+KV_CACHE_DTYPES = ("fp32", "fp16")
 _MATRIX_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def is_table(name: str) -> bool:
+    """The token embedding / LM head [vocab, n_embd], stored transposed by every format."""
+    return name in ("wte.weight", "lm_head.weight")
+
+
 def is_matrix(name: str) -> bool:
-    return name in ("wte.weight", "lm_head.weight") or name.endswith(_MATRIX_SUFFIXES)
+    return is_table(name) or name.endswith(_MATRIX_SUFFIXES)
 
 
 def _to_fp16(name: str, t: np.ndarray) -> np.ndarray:
@@ -170,7 +177,7 @@ def convert_tensors(tensors: dict[str, np.ndarray], dtype: str, release=None) ->
     out = {}
     outliers = residual_outlier_channels(tensors["wte.weight"]) if dtype in ("int8", "int4") else None
     for name, t in tensors.items():
-        table = name in ("wte.weight", "lm_head.weight")
+        table = is_table(name)
         if not is_matrix(name):
             # A copy, small: nothing then refers to a mapped file, which is unmapped once converted (the page
             # cache maps a mapped file in large folios: each small tensor left there kept up to 2 MB resident).
@@ -194,11 +201,11 @@ def convert_tensors(tensors: dict[str, np.ndarray], dtype: str, release=None) ->
 # 3: fp32 / fp16 / bf16 token embeddings blocked and transposed, like int8's (int8 / int4 files of version 2
 #    are the same as version 3 and still read).
 FORMAT_VERSION = "3"
+OPTIONAL_SUFFIXES = (".outlier_rows", ".outlier_weights")
 
 
 def readable_format(dtype: str, version) -> bool:
     return version == FORMAT_VERSION or (version == "2" and dtype in ("int8", "int4"))
-OPTIONAL_SUFFIXES = (".outlier_rows", ".outlier_weights")
 
 
 def stored_shapes(cfg, dtype: str) -> dict:
@@ -210,7 +217,7 @@ def stored_shapes(cfg, dtype: str) -> dict:
     narrow = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16, "int8": np.int8, "int4": np.uint8}[dtype]
     out = {}
     for name, shape in expected_shapes(cfg).items():
-        table = name in ("wte.weight", "lm_head.weight")
+        table = is_table(name)
         if is_matrix(name):
             K, N = shape[::-1] if table else shape  # tables are stored transposed
             nb, Kp = -(-N // BLOCK_COLS), -(-K // GROUP) * GROUP

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .generation import TextStream, sampling_dict, validate_options
-from .quantize import DTYPES
+from .quantize import DTYPES, KV_CACHE_DTYPES
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -428,7 +428,7 @@ def add_parser(sub):
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (pip install '.[server]')")
     p.add_argument("--model", default="gpt2")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    p.add_argument("--kv-cache-dtype", choices=["fp32", "fp16"], default=None,
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
                    help="KV cache storage (default: fp32 for fp32 weights, fp16 for the other formats)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--host", default="127.0.0.1")
