@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import gptcpp
+from gptcpp.bench import format_compute_factor
 from conftest import random_gpt2, save
 
 
@@ -30,6 +31,9 @@ def test_bench_quick(tmp_path):
                     "load_s", "peak_rss_bytes", "python_overhead_fraction"):
             assert res[key] >= 0, key
         assert res["pp_tok_s"] > 0 and res["peak_rss_bytes"] > 0
+        # prefill against the format's own compute peak: 4x float32 GEMM for int8 on a VNNI level, else 1x
+        factor = format_compute_factor(name.split()[1].replace("-blocked", ""), data["machine"]["isa"])
+        assert res["prefill_fraction_of_gemm"] == pytest.approx(factor * res["prefill_fraction_of_format_peak"])
     assert "contender" in r.stdout
 
 
@@ -139,3 +143,9 @@ def test_bench_openvino_quick(tmp_path):
     ov = OpenVINOGenAI(model, 1, "fp32", "f32")  # the export is reused, not made again
     assert os.path.getmtime(xml) == made and ov.name == "openvino fp32 f32-compute"
     assert ov.prefill(list(range(20))) > 0 and ov.decode([[1, 2, 3]] * 3, 4) > 0  # 4 new tokens each, checked
+
+
+def test_format_compute_factor():
+    assert format_compute_factor("fp32", "avx512-bf16") == 1 and format_compute_factor("fp16", "avx512-bf16") == 1
+    assert format_compute_factor("bf16", "avx512-bf16") == 2 and format_compute_factor("bf16", "avx512-vnni") == 1
+    assert format_compute_factor("int8", "avx2-vnni") == 4 and format_compute_factor("int4", "avx512") == 1

@@ -20,6 +20,18 @@ def stored(w, dtype):
     return b, bf16_to_f32(b).astype(np.float64)
 
 
+# Levels that multiply bf16 weights by activations rounded to bf16 (vdpbf16ps); the others widen the weights
+# and compute in float32.
+BF16_DOT_LEVELS = {"avx512-bf16"}
+
+
+def activations_as_computed(a, isa, dtype):
+    """The float64 values a kernel of `isa` multiplies for activations a against `dtype` weights."""
+    if dtype == "bf16" and isa in BF16_DOT_LEVELS:
+        return bf16_to_f32(to_bf16(a)).astype(np.float64)
+    return a.astype(np.float64)
+
+
 def int8_reference(a, q, s, K, N, bias):
     """The int8 / int4 kernel's arithmetic in numpy: activations quantized per row in groups of 32 (scale amax / 127,
     values rounded to nearest even), each group's products summed exactly, and the float sum
@@ -110,9 +122,30 @@ def test_matmul_formats_against_numpy(isa, dtype, blocked, M, K, N):
     arr, vals = stored(w, dtype)
     if blocked:
         arr = to_blocked(arr)
-    ref = a.astype(np.float64) @ vals + b
+    ref = activations_as_computed(a, isa, dtype) @ vals + b
     out = _core.kernels.matmul(isa, a, arr, b, np.zeros((M, N), np.float32), False)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_bf16_rows_independent_of_batch(isa, blocked):
+    """bf16 weights (on the bf16 dot product levels: activations rounded, k in pairs) still give a row the same
+    bits whatever it is batched with, accumulated into out too, with an odd K and a ragged right edge; and
+    rounding halfway cases of the activations goes to nearest even, as numpy's reference does."""
+    rng = np.random.default_rng(5)
+    M, K, N = 23, 301, 130
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    a[0, :4] = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F808001], np.uint32).view(np.float32)  # ties
+    w, b, prev = (rng.standard_normal(s, dtype=np.float32) for s in ((K, N), N, (M, N)))
+    arr, vals = stored(w, "bf16")
+    if blocked:
+        arr = to_blocked(arr)
+    batch = _core.kernels.matmul(isa, a, arr, b, prev.copy(), True)
+    for r in range(M):
+        single = _core.kernels.matmul(isa, np.ascontiguousarray(a[r:r + 1]), arr, b, prev[r:r + 1].copy(), True)
+        assert np.array_equal(single[0], batch[r]), r
+    ref = activations_as_computed(a, isa, "bf16") @ vals + b + prev
+    np.testing.assert_allclose(batch, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -210,7 +243,7 @@ def test_lm_head_formats_against_numpy(isa, dtype):
     a = rng.standard_normal((5, 70), dtype=np.float32)
     w = rng.standard_normal((301, 70), dtype=np.float32)
     arr, vals = stored(w, dtype)
-    ref = a.astype(np.float64) @ vals.T
+    ref = activations_as_computed(a, isa, dtype) @ vals.T
     out = _core.kernels.matmul_nt(isa, a, arr)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 

@@ -81,6 +81,7 @@ bool supports(const CpuFeatures& f, Isa isa) {
     case Isa::avx2_vnni: return supports(f, Isa::avx2) && f.avx_vnni;
     case Isa::avx512: return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
     case Isa::avx512_vnni: return supports(f, Isa::avx512) && f.avx512_vnni;
+    case Isa::avx512_bf16: return supports(f, Isa::avx512_vnni) && f.avx512_bf16;
   }
   return false;
 }
@@ -119,11 +120,12 @@ const char* isa_name(Isa isa) {
     case Isa::avx2_vnni: return "avx2-vnni";
     case Isa::avx512: return "avx512";
     case Isa::avx512_vnni: return "avx512-vnni";
+    case Isa::avx512_bf16: return "avx512-bf16";
   }
   return "?";
 }
 
-constexpr Isa kAllIsas[] = {Isa::generic, Isa::avx2, Isa::avx2_vnni, Isa::avx512, Isa::avx512_vnni};
+constexpr Isa kAllIsas[] = {Isa::generic, Isa::avx2, Isa::avx2_vnni, Isa::avx512, Isa::avx512_vnni, Isa::avx512_bf16};
 
 std::vector<Isa> all_isas() { return std::vector<Isa>(std::begin(kAllIsas), std::end(kAllIsas)); }
 

@@ -8,9 +8,10 @@ namespace gptcpp {
 
 // Ordered by preference: the best supported level is the last one the CPU has. A level needs everything
 // its name says: avx2 is AVX2 + FMA + F16C, avx512 adds F/BW/VL/DQ, the -vnni levels add the int8 dot
-// product (AVX-VNNI on 256-bit registers, AVX512-VNNI). avx512 does not imply avx2-vnni (Skylake-SP has
-// the first and not the second), so each level is checked on its own.
-enum class Isa { generic = 0, avx2 = 1, avx2_vnni = 2, avx512 = 3, avx512_vnni = 4 };
+// product (AVX-VNNI on 256-bit registers, AVX512-VNNI), avx512-bf16 adds the bf16 dot product (AVX512-BF16) to
+// avx512-vnni (Cooper Lake, Sapphire Rapids and later, Zen 4 and later have both). avx512 does not imply
+// avx2-vnni (Skylake-SP has the first and not the second), so each level is checked on its own.
+enum class Isa { generic = 0, avx2 = 1, avx2_vnni = 2, avx512 = 3, avx512_vnni = 4, avx512_bf16 = 5 };
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;

@@ -110,5 +110,10 @@ struct QDot {
 #endif
 };
 
+// No bf16 dot product at this level: bf16 weights are widened to float32 (see vec_avx512.h).
+struct BDot {
+  static constexpr bool available = false;
+};
+
 }  // namespace GPTCPP_ISA_NS
 }  // namespace gptcpp

@@ -5,6 +5,7 @@
 #endif
 #include <immintrin.h>
 #include <cstdint>
+#include <cstring>
 
 namespace gptcpp {
 namespace GPTCPP_ISA_NS {
@@ -114,6 +115,66 @@ struct QDot {
     return _mm512_add_epi16(acc, _mm512_add_epi16(_mm512_maddubs_epi16(lo, x0), _mm512_maddubs_epi16(hi, x1)));
   }
   static inline ireg group_sum(ireg acc) { return _mm512_madd_epi16(acc, _mm512_set1_epi16(1)); }
+#endif
+};
+
+// bf16 dot products (the avx512-bf16 level): a pair register holds 16 lanes of two bf16 each, k and k + 1 of one
+// output column (weights) or of one row (activations, broadcast); dot() adds w[k] x[k] + w[k+1] x[k+1] to each
+// float32 lane (vdpbf16ps: the products are exact in float32). Weights come as rows of the [K][N] layout, so
+// pairs() interleaves two rows of 32 columns into two pair registers in vpunpck's order: `lo` holds columns
+// 0-3, 8-11, 16-19, 24-27 and `hi` the others, and columns() puts the two registers' sums back in order.
+struct BDot {
+#ifdef __AVX512BF16__
+  static constexpr bool available = true;
+  using preg = __m512i;
+  static inline void pairs(const uint16_t* row0, const uint16_t* row1, preg& lo, preg& hi) {
+    const __m512i r0 = _mm512_loadu_si512(row0), r1 = row1 ? _mm512_loadu_si512(row1) : _mm512_setzero_si512();
+    lo = _mm512_unpacklo_epi16(r0, r1);
+    hi = _mm512_unpackhi_epi16(r0, r1);
+  }
+  static inline void pairs_partial(const uint16_t* row0, const uint16_t* row1, int n, preg& lo, preg& hi) {
+    const __mmask32 m = n <= 0 ? 0u : n >= 32 ? ~0u : (1u << n) - 1u;
+    const __m512i r0 = _mm512_maskz_loadu_epi16(m, row0);
+    const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(m, row1) : _mm512_setzero_si512();
+    lo = _mm512_unpacklo_epi16(r0, r1);
+    hi = _mm512_unpackhi_epi16(r0, r1);
+  }
+  // 16 consecutive pairs (32 values along k) of a contiguous row, the last n values of a partial one.
+  static inline preg load(const uint16_t* p) { return _mm512_loadu_si512(p); }
+  static inline preg load_partial(const uint16_t* p, int n) { return _mm512_maskz_loadu_epi16((n >= 32 ? ~0u : (1u << n) - 1u), p); }
+  static inline preg bcast(const uint16_t* pair) {
+    int32_t v;
+    std::memcpy(&v, pair, 4);
+    return _mm512_set1_epi32(v);
+  }
+  static inline Vec::reg dot(Vec::reg acc, preg x, preg w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+  }
+  // Sums of the lo / hi registers of 32 columns -> columns 0-15 and 16-31.
+  static inline void columns(Vec::reg& lo, Vec::reg& hi) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    const Vec::reg a = _mm512_permutex2var_ps(lo, first, hi), b = _mm512_permutex2var_ps(lo, second, hi);
+    lo = a;
+    hi = b;
+  }
+  // out[0..n) = in rounded to bf16, nearest even (vcvtne2ps2bf16).
+  static inline void round_row(uint16_t* out, const float* in, int n) {
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+      const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i));
+      _mm512_storeu_si512(out + i, (__m512i)b);
+    }
+    if (i < n) {
+      const int r = n - i;
+      const __m512 lo = _mm512_maskz_loadu_ps(Vec::tail_mask(r < 16 ? r : 16), in + i);
+      const __m512 hi = r > 16 ? _mm512_maskz_loadu_ps(Vec::tail_mask(r - 16), in + i + 16) : _mm512_setzero_ps();
+      const __m512bh b = _mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_mask_storeu_epi16(out + i, (1u << r) - 1u, (__m512i)b);
+    }
+  }
+#else
+  static constexpr bool available = false;
 #endif
 };
 

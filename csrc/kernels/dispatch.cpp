@@ -17,6 +17,7 @@ extern const KernelTable avx2_kernels;
 extern const KernelTable avx2_vnni_kernels;
 extern const KernelTable avx512_kernels;
 extern const KernelTable avx512_vnni_kernels;
+extern const KernelTable avx512_bf16_kernels;
 #endif
 
 const KernelTable& kernels_for(Isa isa) {
@@ -27,6 +28,7 @@ const KernelTable& kernels_for(Isa isa) {
     case Isa::avx2_vnni: return avx2_vnni_kernels;
     case Isa::avx512: return avx512_kernels;
     case Isa::avx512_vnni: return avx512_vnni_kernels;
+    case Isa::avx512_bf16: return avx512_bf16_kernels;
 #endif
     default: break;
   }

@@ -498,7 +498,9 @@ def run(args) -> int:
             wbytes = c.model.weight_bytes()
             r.update(weight_bytes=wbytes, decode_gb_s=wbytes * r["tg_tok_s"] / 1e9,
                      decode_fraction_of_bandwidth=wbytes * r["tg_tok_s"] / bandwidth,
-                     prefill_fraction_of_gemm=r["prefill_gflops"] / gemm_peak)
+                     prefill_fraction_of_gemm=r["prefill_gflops"] / gemm_peak,
+                     prefill_fraction_of_format_peak=r["prefill_gflops"] / (
+                         gemm_peak * format_compute_factor(c.model.dtype, _core.isa())))
             r["python_overhead_fraction"] = c.step_overhead(short[0], args.new_tokens)
             load, rss = load_and_rss(c.path, args.threads, c.model.dtype)
             size = sum(os.path.getsize(os.path.join(c.path, f)) for f in os.listdir(c.path)
@@ -541,6 +543,17 @@ SAME_FORMAT = {
 }
 
 
+def format_compute_factor(dtype: str, isa: str) -> int:
+    """A format's prefill compute peak as a multiple of float32 GEMM's on the same cores: bf16 where the level
+    multiplies bf16 pairs (two products an instruction where an FMA has one), int8 / int4 where it has VNNI (four
+    byte products a lane); 1 where the format is widened to float32 or multiplied without a dot product."""
+    if dtype == "bf16" and isa == "avx512-bf16":
+        return 2
+    if dtype in ("int8", "int4") and isa in ("avx2-vnni", "avx512-vnni", "avx512-bf16"):
+        return 4
+    return 1
+
+
 def same_format_ratios(results: dict) -> dict:
     """gptcpp contender -> {metric: (ratio, peer)} against the best same-format peer in the run."""
     out = {}
@@ -572,7 +585,9 @@ def _print(out, peers):
         notes = []
         if "decode_fraction_of_bandwidth" in r:
             notes.append(f"decode {r['decode_gb_s']:.1f} GB/s = {r['decode_fraction_of_bandwidth']:.0%} of bandwidth")
-            notes.append(f"prefill {r['prefill_gflops']:.0f} GFLOP/s = {r['prefill_fraction_of_gemm']:.0%} of numpy GEMM")
+            notes.append(f"prefill {r['prefill_gflops']:.0f} GFLOP/s = {r['prefill_fraction_of_gemm']:.0%} of numpy GEMM"
+                         + (f" ({r['prefill_fraction_of_format_peak']:.0%} of the format's peak)"
+                            if r["prefill_fraction_of_format_peak"] != r["prefill_fraction_of_gemm"] else ""))
             notes.append(f"python overhead {r['python_overhead_fraction']:.1%}")
             notes.append(f"load {r['load_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB "
                          f"({r['rss_over_file']:.2f}x file)")
