@@ -59,9 +59,11 @@ namespace norms_detail {
 
 inline R activate(R x, Activation act) {
   switch (act) {
-    case Activation::gelu_tanh: {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-      R inner = Vec::mul(Vec::set1(0.7978845608028654f), Vec::fma(Vec::mul(Vec::set1(0.044715f), Vec::mul(x, x)), x, x));
-      return Vec::mul(Vec::mul(Vec::set1(0.5f), x), Vec::add(Vec::set1(1.0f), vec_tanh<Vec>(inner)));
+    case Activation::gelu_tanh: {
+      // 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3) is x / (1 + exp(-2u)) (1 + tanh(u) =
+      // 2 / (1 + exp(-2u))): one exp and one division, and nothing that cancels, so no small-|u| branch.
+      R minus_2u = Vec::mul(Vec::set1(-1.5957691216057308f), Vec::fma(Vec::mul(Vec::set1(0.044715f), Vec::mul(x, x)), x, x));
+      return Vec::div(x, Vec::add(Vec::set1(1.0f), vec_exp<Vec>(minus_2u)));
     }
     case Activation::gelu_erf:
       return Vec::mul(Vec::mul(Vec::set1(0.5f), x),
