@@ -108,7 +108,7 @@ def test_blocked_layout_roundtrip():
     assert b.shape == (3, 7, 64) and np.array_equal(from_blocked(b, 130), w) and not b[2, :, 2:].any()
 
 
-MATMUL_SHAPES = [(1, 37, 53), (3, 64, 100), (8, 100, 77), (70, 33, 130), (1, 768, 96), (5, 20, 200)]
+MATMUL_SHAPES = [(1, 37, 53), (3, 64, 100), (8, 100, 77), (70, 33, 130), (1, 768, 96), (5, 20, 200), (1, 40, 300)]
 
 
 @pytest.mark.parametrize("blocked", [False, True])
