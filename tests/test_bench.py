@@ -23,7 +23,7 @@ def test_bench_quick(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert data["limits"]["read_bandwidth_gb_s"] > 0
-    assert len(data["limits"]["bandwidth_readings_gb_s"]) == 2  # at the start and after the one round
+    assert len(data["limits"]["bandwidth_readings_gb_s"]) == 3  # at the start, after the one round and the decode round
     assert all(v > 0 for k, v in data["limits"]["numpy_gemm_gflops"].items() if k != "blas")
     for name in ("gptcpp fp32", "gptcpp int8", "gptcpp fp32-blocked"):
         res = data["results"][name]

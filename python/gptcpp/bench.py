@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench binary (with --gguf)")
     p.add_argument("--gguf", default=None,
                    help="comma-separated GGUF copies of the same weights for llama-bench (F32, F16, Q8_0, ...)")
+    p.add_argument("--decode-rounds", type=int, default=6,
+                   help="after the --repeat rounds, this many rounds of batch-1 decode alone (seconds each, so that "
+                        "the contenders of a round see the same state of the shared host's memory bandwidth)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
@@ -209,16 +212,24 @@ class LlamaCpp:
         self.binary, self.gguf, self.threads = binary, gguf, threads
         self.name = "llama.cpp " + os.path.basename(gguf).replace("model-", "").replace(".gguf", "")
 
-    def measure(self, prompt_tokens, new_tokens):
+    def _run(self, prompt_tokens, new_tokens):
         r = subprocess.run([self.binary, "-m", self.gguf, "-t", str(self.threads), "-p", str(prompt_tokens),
                             "-n", str(new_tokens), "-r", "1", "-o", "json"], capture_output=True, text=True,
                            timeout=900)
         if r.returncode:
             raise RuntimeError(f"llama-bench failed: {r.stderr.strip()[-300:]}")
-        rows = json.loads(r.stdout)
+        return json.loads(r.stdout)
+
+    def measure(self, prompt_tokens, new_tokens):
+        rows = self._run(prompt_tokens, new_tokens)
         pp = next(x["avg_ts"] for x in rows if x.get("n_prompt") == prompt_tokens and x.get("n_gen") == 0)
         tg = next(x["avg_ts"] for x in rows if x.get("n_gen") == new_tokens and x.get("n_prompt") == 0)
         return pp, tg
+
+    def decode_tok_s(self, new_tokens):
+        """tg alone (no prompt test): tokens per second."""
+        rows = self._run(0, new_tokens)
+        return next(x["avg_ts"] for x in rows if x.get("n_gen") == new_tokens and x.get("n_prompt") == 0)
 
 
 class Transformers:
@@ -423,7 +434,7 @@ def run(args) -> int:
     if getattr(args, "speculative", False):
         return run_speculative(args)
     if args.quick:
-        args.prompt_tokens, args.new_tokens, args.batch, args.repeat = 32, 8, 2, 1
+        args.prompt_tokens, args.new_tokens, args.batch, args.repeat, args.decode_rounds = 32, 8, 2, 1, 1
     path = args.model or random_checkpoint(args.shape)
     C, L, V, I = _cfg(path)
     rng = np.random.default_rng(0)
@@ -480,6 +491,23 @@ def run(args) -> int:
                 b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
                 b["b16"] = min(b["b16"], c.decode(short, args.new_tokens))
             except Exception as e:  # a peer that fails while measured is dropped, not the run
+                if isinstance(c, Gptcpp):
+                    raise
+                print(f"{c.name}: skipped ({_why(e)})")
+                contenders.remove(c)
+        bw.append(_core.memory_read_bandwidth(64 if args.quick else 512, 3, args.threads))
+    # Decode alone, in more and shorter rounds: a full round takes minutes, long enough for the host's bandwidth
+    # to change phase between two contenders of one round, while a decode-only round of every contender takes
+    # seconds, so its contenders see the same phase and each gets more chances at the fast one.
+    for rnd in range(args.decode_rounds):
+        for c in (list(contenders) if rnd % 2 == 0 else list(reversed(contenders))):
+            b = best[c.name]
+            try:
+                if isinstance(c, LlamaCpp):
+                    b["tg"] = min(b["tg"], args.new_tokens / c.decode_tok_s(args.new_tokens))
+                else:
+                    b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
+            except Exception as e:
                 if isinstance(c, Gptcpp):
                     raise
                 print(f"{c.name}: skipped ({_why(e)})")
