@@ -125,7 +125,8 @@ void attention_rows(float* out, const float* q, const typename WR::T* const* kb,
   } else {
     for (int b = 0; b < n_blocks; ++b) {
       const int cols = n_keys - b * kBlockCols < kBlockCols ? n_keys - b * kBlockCols : kBlockCols;
-      matmul_detail::matmul_impl<WR>(S + b * kBlockCols, q, kb[b], true, nullptr, T, hd, cols, ld_q, n_keys, 0, false);
+      matmul_detail::matmul_impl<WR>(S + b * kBlockCols, q, kb[b], true, nullptr, T, hd, cols, ld_q, n_keys, 0, false,
+                                     false);
     }
   }
   const R vscale = Vec::set1(scale);
@@ -187,7 +188,7 @@ void attention_rows(float* out, const float* q, const typename WR::T* const* kb,
     for (int b = 0; b < n_blocks; ++b) {
       const int rows = n_keys - b * kBlockCols < kBlockCols ? n_keys - b * kBlockCols : kBlockCols;
       matmul_detail::matmul_impl<WR>(out, S + b * kBlockCols, vb[b], hd == kBlockCols, nullptr, T, rows, hd, n_keys,
-                                     ld_out, hd, b > 0);
+                                     ld_out, hd, b > 0, false);
     }
   }
 }

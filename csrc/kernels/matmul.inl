@@ -511,7 +511,7 @@ constexpr int BF16_DOT_ROWS = 6;
 
 template <class D>
 void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool blocked, const float* bias, int M,
-                     int K, int N, int ldi, int ldo, int ldw, bool accumulate) {
+                     int K, int N, int ldi, int ldo, int ldw, bool accumulate, bool team) {
   const int lda = (K + 1) & ~1;
   // Shared by the team (slot 2, as the int8 activations). A few rows are rounded before the team starts (a
   // barrier would cost a decoding step more than the rounding), many by each thread its share, then a barrier.
@@ -519,7 +519,7 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
   const bool round_first = static_cast<int64_t>(M) * K <= 65536;
   if (round_first) bf16_round_rows<D>(a16, lda, inp, ldi, K, 0, M);
   const int nb = (N + BLOCK_COLS - 1) / BLOCK_COLS;
-  parallel_region_if(static_cast<int64_t>(M) * K * N > 32768, [&](int t, int nt) {
+  parallel_region_if(team && static_cast<int64_t>(M) * K * N > 32768, [&](int t, int nt) {
     if (!round_first) {
       bf16_round_rows<D>(a16, lda, inp, ldi, K, static_cast<int>(static_cast<int64_t>(M) * t / nt),
                          static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt));
@@ -569,18 +569,20 @@ void bf16_dot_nt(float* out, const float* inp, const uint16_t* weight, int M, in
   });
 }
 
+// team: false when called by one thread of a team already at work (attention's units, each on its own thread):
+// the product then runs on the calling thread alone, without entering the OpenMP runtime. A nested region
+// would run on one thread anyway, and libgomp's start and end of it cost more than a 64 x 64 x 64 product
+// (a 512-token prompt makes about 10,000 of them).
 template <class WR>
 void matmul_impl(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* bias,
-                 int M, int K, int N, int ldi, int ldo, int ldw, bool accumulate) {
+                 int M, int K, int N, int ldi, int ldo, int ldw, bool accumulate, bool team = true) {
   if constexpr (std::is_same_v<WR, BF16W> && BDot::available)
-    return bf16_dot_matmul<BDot>(out, inp, weight, blocked, bias, M, K, N, ldi, ldo, ldw, accumulate);
+    return bf16_dot_matmul<BDot>(out, inp, weight, blocked, bias, M, K, N, ldi, ldo, ldw, accumulate, team);
   constexpr int NB = NV * W;
   const int nblocks = (N + NB - 1) / NB;
   // The blocked layout is read in place by the direct path (see blocked_direct); row-major weights are packed.
   if (M >= PACK_MIN_M && !blocked) {
-#pragma omp parallel
-    {
-      const int nt = thread_count(), t = thread_index();
+    parallel_region_if(team, [&](int t, int nt) {
       const int b0 = static_cast<int>(static_cast<int64_t>(nblocks) * t / nt);
       const int b1 = static_cast<int>(static_cast<int64_t>(nblocks) * (t + 1) / nt);
       if (M <= WIDE_PACK_MAX_M) {
@@ -604,10 +606,10 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
                               blocked, bias, m1 - m0, K, N, ldi, ldo, ldw, b, b + 1, accumulate);
         }
       }
-    }
+    });
     return;
   }
-  const bool parallel = static_cast<int64_t>(M) * K * N > 32768;
+  const bool parallel = team && static_cast<int64_t>(M) * K * N > 32768;
   if (blocked) {  // threads split the column blocks
     const int nb = (N + BLOCK_COLS - 1) / BLOCK_COLS;
     parallel_region_if(parallel, [&](int t, int nt) {
