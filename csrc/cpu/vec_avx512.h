@@ -132,8 +132,10 @@ struct BDot {
     lo = _mm512_unpacklo_epi16(r0, r1);
     hi = _mm512_unpackhi_epi16(r0, r1);
   }
+  // The first n of 32 16-bit lanes (none for n <= 0).
+  static inline __mmask32 mask32(int n) { return n <= 0 ? 0u : n >= 32 ? ~0u : (1u << n) - 1u; }
   static inline void pairs_partial(const uint16_t* row0, const uint16_t* row1, int n, preg& lo, preg& hi) {
-    const __mmask32 m = n <= 0 ? 0u : n >= 32 ? ~0u : (1u << n) - 1u;
+    const __mmask32 m = mask32(n);
     const __m512i r0 = _mm512_maskz_loadu_epi16(m, row0);
     const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(m, row1) : _mm512_setzero_si512();
     lo = _mm512_unpacklo_epi16(r0, r1);
@@ -141,7 +143,7 @@ struct BDot {
   }
   // 16 consecutive pairs (32 values along k) of a contiguous row, the last n values of a partial one.
   static inline preg load(const uint16_t* p) { return _mm512_loadu_si512(p); }
-  static inline preg load_partial(const uint16_t* p, int n) { return _mm512_maskz_loadu_epi16((n >= 32 ? ~0u : (1u << n) - 1u), p); }
+  static inline preg load_partial(const uint16_t* p, int n) { return _mm512_maskz_loadu_epi16(mask32(n), p); }
   static inline preg bcast(const uint16_t* pair) {
     int32_t v;
     std::memcpy(&v, pair, 4);
@@ -170,7 +172,7 @@ struct BDot {
       const __m512 lo = _mm512_maskz_loadu_ps(Vec::tail_mask(r < 16 ? r : 16), in + i);
       const __m512 hi = r > 16 ? _mm512_maskz_loadu_ps(Vec::tail_mask(r - 16), in + i + 16) : _mm512_setzero_ps();
       const __m512bh b = _mm512_cvtne2ps_pbh(hi, lo);
-      _mm512_mask_storeu_epi16(out + i, (1u << r) - 1u, (__m512i)b);
+      _mm512_mask_storeu_epi16(out + i, mask32(r), (__m512i)b);
     }
   }
 #else

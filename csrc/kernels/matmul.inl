@@ -1,10 +1,14 @@
-// Matrix multiplication, written once against `Vec` (included by each kernels_<isa>.cpp).
+// Matrix multiplication, written once against `Vec` (included by each kernels_<isa>.cpp, before qmatmul.inl,
+// which shares its tile epilogue, store_sums).
 //
-// matmul_forward: out[M,N] (+)= inp[M,K] @ weight[K,N] + bias, weight in the Conv1D layout [in, out] used
-// in place. Two paths: a packed register-tiled GEMM for M >= PACK_MIN_M (prefill, batches) and a streaming
-// path for fewer rows (decoding). In both, every output element is one fused multiply-add chain over
-// k = 0..K-1 from zero, then + bias, then + out; so a row's result is bit-identical whichever path, tile or
-// thread computes it, and whatever it is batched with. Threads take disjoint columns; no sum is split.
+// matmul_forward: out[M,N] (+)= inp[M,K] @ weight[K,N] + bias, weight [in, out]: the blocked layout the loader
+// converts to, read in place by the direct path at every row count, or the checkpoint's own row-major Conv1D
+// layout, packed into panels for M >= PACK_MIN_M (prefill, batches) and streamed for fewer rows (decoding).
+// In every path each output element is one fused multiply-add chain over k = 0..K-1 from zero, then + bias,
+// then + out; so a row's result is bit-identical whichever path, tile or thread computes it, and whatever it
+// is batched with. Threads take disjoint columns; no sum is split. (bf16 weights on a level with bf16 dot
+// products have their own chain, over pairs of k, with the same properties: bf16_dot_matmul.) Grouped int8 /
+// int4 weights go to qmatmul.inl.
 //
 // matmul_nt_forward: out[M,N] = inp[M,K] @ weight[N,K]^T, each element a vector dot product along k
 // reduced in a fixed order; used for the LM head, whose weight is the token embedding table [vocab, n_embd].
@@ -68,23 +72,14 @@ inline void packed_tile(float* c, const float* a, int lda, const float* panel, i
     for (int j = 0; j < NV; ++j) Vec::store(c + i * NV * W + j * W, acc[i][j]);
 }
 
-// Copies rows k0..k0+kc of columns [n0, n0+ncols) into a KC x NB panel, zero-padding a column tail.
-// Where weight element (k, n) lives: row-major [K][ldw] (the checkpoint's own Conv1D layout, used in place),
-// or blocked: column blocks of BLOCK_COLS, each a contiguous [K][BLOCK_COLS] run, zero-padded at the right
-// edge (the layout narrow formats are converted into at load, so that decoding streams each block
-// front to back). Column n0 .. n0 + NB - 1 with n0 a multiple of NB are contiguous in both.
-template <class T>
-inline const T* weight_at(const T* weight, bool blocked, int K, int ldw, int k, int n0) {
-  if (!blocked) return weight + static_cast<int64_t>(k) * ldw + n0;
-  return weight + (static_cast<int64_t>(n0 / BLOCK_COLS) * K + k) * BLOCK_COLS + n0 % BLOCK_COLS;
-}
-
+// Copies rows k0..k0+kc of columns [n0, n0+ncols) of a row-major [K][ldw] weight (the checkpoint's own Conv1D
+// layout, used in place; the blocked layout is never packed, see matmul_impl) into a KC x NB panel,
+// zero-padding a column tail.
 template <class WR>
-inline void pack_panel(float* panel, const typename WR::T* weight, bool blocked, int K, int ldw, int k0, int kc, int n0,
-                       int ncols) {
+inline void pack_panel(float* panel, const typename WR::T* weight, int ldw, int k0, int kc, int n0, int ncols) {
   constexpr int NB = NV * W;
   for (int k = 0; k < kc; ++k) {
-    const typename WR::T* src = weight_at(weight, blocked, K, ldw, k0 + k, n0);
+    const typename WR::T* src = weight + static_cast<int64_t>(k0 + k) * ldw + n0;
     float* dst = panel + k * NB;
     for (int j = 0; j < NV; ++j) {
       const int rem = ncols - j * W;
@@ -138,7 +133,7 @@ inline void store_block(float* out, const float* cbuf, const float* bias, int M,
 
 // Many rows: one column block at a time, its panel reused by all M / MR row tiles.
 template <class WR>
-inline void packed_blocks(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* bias,
+inline void packed_blocks(float* out, const float* inp, const typename WR::T* weight, const float* bias,
                           int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
                           bool accumulate) {
   constexpr int NB = NV * W;
@@ -148,7 +143,7 @@ inline void packed_blocks(float* out, const float* inp, const typename WR::T* we
     const int n0 = b * NB, ncols = N - n0 < NB ? N - n0 : NB;
     for (int k0 = 0; k0 < K; k0 += KC) {
       const int kc = K - k0 < KC ? K - k0 : KC;
-      pack_panel<WR>(panel, weight, blocked, K, ldw, k0, kc, n0, ncols);
+      pack_panel<WR>(panel, weight, ldw, k0, kc, n0, ncols);
       panel_times_rows(cbuf, inp, M, ldi, k0, kc, panel);
     }
     store_block(out, cbuf, bias, M, ldo, n0, ncols, accumulate);
@@ -160,7 +155,7 @@ inline void packed_blocks(float* out, const float* inp, const typename WR::T* we
 constexpr int KC_WIDE = 32;
 
 template <class WR>
-inline void packed_wide(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* bias,
+inline void packed_wide(float* out, const float* inp, const typename WR::T* weight, const float* bias,
                         int M, int K, int N, int ldi, int ldo, int ldw, int b0, int b1,
                         bool accumulate) {
   constexpr int NB = NV * W;
@@ -174,8 +169,7 @@ inline void packed_wide(float* out, const float* inp, const typename WR::T* weig
     for (int k = 0; k < kc; ++k)
       for (int b = b0; b < b1; ++b) {
         const int n0 = b * NB;
-        pack_panel<WR>(panels + (b - b0) * PS + k * NB, weight, blocked, K, ldw, k0 + k, 1, n0,
-                   N - n0 < NB ? N - n0 : NB);
+        pack_panel<WR>(panels + (b - b0) * PS + k * NB, weight, ldw, k0 + k, 1, n0, N - n0 < NB ? N - n0 : NB);
       }
     for (int b = b0; b < b1; ++b)
       panel_times_rows(cbufs + static_cast<int64_t>(b - b0) * M * NB, inp, M, ldi, k0, kc, panels + (b - b0) * PS);
@@ -531,13 +525,12 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
     const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
     for (int b = b0; b < b1; ++b) {
       const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
-      if (blocked)  // the last block is zero-padded
-        bf16_dot_rows<D, BF16_DOT_ROWS, false>(M, out, a16, lda, weight + static_cast<int64_t>(b) * K * BLOCK_COLS,
-                                               BLOCK_COLS, K, bias, ldo, n0, ncols, accumulate);
-      else if (ncols == BLOCK_COLS)
-        bf16_dot_rows<D, BF16_DOT_ROWS, false>(M, out, a16, lda, weight + n0, ldw, K, bias, ldo, n0, ncols, accumulate);
+      const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
+      const int64_t ldb = blocked ? BLOCK_COLS : ldw;
+      if (blocked || ncols == BLOCK_COLS)  // a blocked matrix's last block is zero-padded
+        bf16_dot_rows<D, BF16_DOT_ROWS, false>(M, out, a16, lda, w, ldb, K, bias, ldo, n0, ncols, accumulate);
       else
-        bf16_dot_rows<D, BF16_DOT_ROWS, true>(M, out, a16, lda, weight + n0, ldw, K, bias, ldo, n0, ncols, accumulate);
+        bf16_dot_rows<D, BF16_DOT_ROWS, true>(M, out, a16, lda, w, ldb, K, bias, ldo, n0, ncols, accumulate);
     }
   });
 }
@@ -587,10 +580,10 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
       const int b1 = static_cast<int>(static_cast<int64_t>(nblocks) * (t + 1) / nt);
       if (M <= WIDE_PACK_MAX_M) {
         if (b1 > b0)
-          packed_wide<WR>(out, inp, weight, blocked, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+          packed_wide<WR>(out, inp, weight, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
       } else if (nblocks >= 2 * nt) {
         if (b1 > b0)
-          packed_blocks<WR>(out, inp, weight, blocked, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
+          packed_blocks<WR>(out, inp, weight, bias, M, K, N, ldi, ldo, ldw, b0, b1, accumulate);
       } else {
         // Too few column blocks to keep every thread busy (many threads, narrow matrix): split the rows as
         // well, into groups of whole MR tiles. A row's arithmetic does not depend on its group.
@@ -603,7 +596,7 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
           const int m1 = (M < static_cast<int>(static_cast<int64_t>(tiles) * (g + 1) / mgroups) * MR ? M : static_cast<int>(static_cast<int64_t>(tiles) * (g + 1) / mgroups) * MR);
           if (m1 > m0)
             packed_blocks<WR>(out + static_cast<int64_t>(m0) * ldo, inp + static_cast<int64_t>(m0) * ldi, weight,
-                              blocked, bias, m1 - m0, K, N, ldi, ldo, ldw, b, b + 1, accumulate);
+                              bias, m1 - m0, K, N, ldi, ldo, ldw, b, b + 1, accumulate);
         }
       }
     });
@@ -631,6 +624,9 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
 }
 
 }  // namespace matmul_detail
+
+void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* bias, int M, int K, int N, int ldi,
+                       int ldo, bool accumulate);  // qmatmul.inl
 
 void matmul_forward(float* out, const float* inp, WeightView w, const float* bias, int M, int K, int N, int ldi,
                     int ldo, int ldw, bool accumulate) {

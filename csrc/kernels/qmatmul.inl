@@ -174,27 +174,18 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
       for (int j = 0; j < CV; ++j) Vec::store(partial + i * UNIT + j * L, acc[i][j]);
     return;
   }
-  // Epilogue: + the outlier channels' float32 products (in channel order), + bias, + out.
+  // Epilogue: + the outlier channels' float32 products (in channel order), then matmul.inl's: + bias, + out.
   for (int i = 0; i < ROWS; ++i) {
-    float* o = out + static_cast<int64_t>(i) * ldo + n0;
     for (int j = 0; j < CV; ++j) {
       const int rem = ncols - j * L;
       if (rem <= 0) break;
-      R r = acc[i][j];
       for (int e = 0; e < x.n_out; ++e) {
         const uint16_t* wr = x.wo + static_cast<int64_t>(e) * x.N + n0 + j * L;
-        r = Vec::fma(Vec::set1(x.xo[i * x.n_out + e]), rem >= L ? Vec::load_f16(wr) : Vec::load_f16_partial(wr, rem), r);
-      }
-      if (rem >= L) {
-        if (bias) r = Vec::add(r, Vec::load(bias + n0 + j * L));
-        if (accumulate) r = Vec::add(Vec::load(o + j * L), r);
-        Vec::store(o + j * L, r);
-      } else {
-        if (bias) r = Vec::add(r, Vec::load_partial(bias + n0 + j * L, rem));
-        if (accumulate) r = Vec::add(Vec::load_partial(o + j * L, rem), r);
-        Vec::store_partial(o + j * L, r, rem);
+        acc[i][j] = Vec::fma(Vec::set1(x.xo[i * x.n_out + e]),
+                             rem >= L ? Vec::load_f16(wr) : Vec::load_f16_partial(wr, rem), acc[i][j]);
       }
     }
+    matmul_detail::store_sums<CV>(out + static_cast<int64_t>(i) * ldo, acc[i], bias, n0, ncols, accumulate);
   }
 }
 
