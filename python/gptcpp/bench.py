@@ -430,6 +430,23 @@ def run_speculative(args) -> int:
     return 0
 
 
+def _interleaved(contenders: list, rounds: int, measure, after_round) -> None:
+    """measure(c) for every contender, `rounds` times, the order reversed every other round (the shared host's
+    bandwidth has been seen to change within minutes: a contender always measured last in a round would see
+    the end of every round), after_round() after each. A peer that fails while measured is dropped, not the
+    run."""
+    for rnd in range(rounds):
+        for c in (list(contenders) if rnd % 2 == 0 else list(reversed(contenders))):
+            try:
+                measure(c)
+            except Exception as e:
+                if isinstance(c, Gptcpp):
+                    raise
+                print(f"{c.name}: skipped ({_why(e)})")
+                contenders.remove(c)
+        after_round()
+
+
 def run(args) -> int:
     if getattr(args, "speculative", False):
         return run_speculative(args)
@@ -475,44 +492,33 @@ def run(args) -> int:
             except (OSError, ValueError) as e:
                 print(f"llama.cpp {g}: skipped ({e})")
     best = {c.name: {"pp": 1e9, "tg": 1e9, "b16": 1e9} for c in contenders}
-    # Interleaved: every contender once per round, the order reversed every other round, since the shared host's
-    # bandwidth has been seen to change within minutes (a contender always measured last in a round would see
-    # the end of every round); the bandwidth probe runs after each round as well.
-    for rnd in range(args.repeat):
-        for c in (list(contenders) if rnd % 2 == 0 else list(reversed(contenders))):
-            b = best[c.name]
-            try:
-                if isinstance(c, LlamaCpp):  # its own timer; tokens per second back to seconds
-                    pp, tg = c.measure(T, args.new_tokens)
-                    b["pp"], b["tg"] = min(b["pp"], T / pp), min(b["tg"], args.new_tokens / tg)
-                    b["b16"] = float("inf")
-                    continue
-                b["pp"] = min(b["pp"], c.prefill(prompt))
-                b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
-                b["b16"] = min(b["b16"], c.decode(short, args.new_tokens))
-            except Exception as e:  # a peer that fails while measured is dropped, not the run
-                if isinstance(c, Gptcpp):
-                    raise
-                print(f"{c.name}: skipped ({_why(e)})")
-                contenders.remove(c)
+    # Every contender once per round (_interleaved), the bandwidth probe after each round as well.
+    def probe():
         bw.append(_core.memory_read_bandwidth(64 if args.quick else 512, 3, args.threads))
+
+    def full_round(c):
+        b = best[c.name]
+        if isinstance(c, LlamaCpp):  # its own timer; tokens per second back to seconds
+            pp, tg = c.measure(T, args.new_tokens)
+            b["pp"], b["tg"] = min(b["pp"], T / pp), min(b["tg"], args.new_tokens / tg)
+            b["b16"] = float("inf")
+            return
+        b["pp"] = min(b["pp"], c.prefill(prompt))
+        b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
+        b["b16"] = min(b["b16"], c.decode(short, args.new_tokens))
+
+    def decode_round(c):
+        b = best[c.name]
+        if isinstance(c, LlamaCpp):
+            b["tg"] = min(b["tg"], args.new_tokens / c.decode_tok_s(args.new_tokens))
+        else:
+            b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
+
+    _interleaved(contenders, args.repeat, full_round, probe)
     # Decode alone, in more and shorter rounds: a full round takes minutes, long enough for the host's bandwidth
     # to change phase between two contenders of one round, while a decode-only round of every contender takes
     # seconds, so its contenders see the same phase and each gets more chances at the fast one.
-    for rnd in range(args.decode_rounds):
-        for c in (list(contenders) if rnd % 2 == 0 else list(reversed(contenders))):
-            b = best[c.name]
-            try:
-                if isinstance(c, LlamaCpp):
-                    b["tg"] = min(b["tg"], args.new_tokens / c.decode_tok_s(args.new_tokens))
-                else:
-                    b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
-            except Exception as e:
-                if isinstance(c, Gptcpp):
-                    raise
-                print(f"{c.name}: skipped ({_why(e)})")
-                contenders.remove(c)
-        bw.append(_core.memory_read_bandwidth(64 if args.quick else 512, 3, args.threads))
+    _interleaved(contenders, args.decode_rounds, decode_round, probe)
     bandwidth = max(bw)
 
     non_embed = L * (3 * C * C + C * C + 2 * C * I)
