@@ -148,6 +148,28 @@ def test_bf16_rows_independent_of_batch(isa, blocked):
     np.testing.assert_allclose(batch, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("K", [63, 128, 129, 300, 3072])
+def test_blocked_batches_against_rows(isa, dtype, K):
+    """The blocked layout at the row counts of batched decoding and prefill, where the kernels walk the weights in
+    chunks of K with partial sums kept between them (AVX2 fp32 from 9 rows, AVX-512 from 16 to 48): K below,
+    at, just past and many times a chunk, a ragged last column block, bias and accumulate. Every row equals the
+    same row computed alone (which takes the one-row path) bit for bit, and the numpy reference."""
+    rng = np.random.default_rng(K)
+    N = 200
+    w, b = rng.standard_normal((K, N), dtype=np.float32), rng.standard_normal(N).astype(np.float32)
+    arr, vals = stored(w, dtype)
+    arr = to_blocked(arr)
+    for M in (9, 15, 16, 17, 24, 48, 49, 100):
+        a, prev = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((M, N), dtype=np.float32)
+        batch = _core.kernels.matmul(isa, a, arr, b, prev.copy(), True)
+        for r in (0, M // 2, M - 1):
+            single = _core.kernels.matmul(isa, np.ascontiguousarray(a[r:r + 1]), arr, b, prev[r:r + 1].copy(), True)
+            assert np.array_equal(single[0], batch[r]), (M, r)
+        ref = activations_as_computed(a, isa, dtype) @ vals + b + prev
+        np.testing.assert_allclose(batch, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M,K,N", MATMUL_SHAPES + [(16, 768, 200), (40, 64, 64), (2, 3072, 70)])
 def test_int8_matmul_against_numpy(isa, M, K, N, bits):

@@ -265,6 +265,91 @@ inline void blocked_passes(float* out, const float* inp, const typename WR::T* w
   }
 }
 
+// Chunked passes: the blocked path for batches, where blocked_passes leaves memory and arithmetic taking
+// turns. There, a pass's first row tile pulls each weight line from memory while its FMAs wait on it, and
+// the pass's other row tiles then find the lines in cache and run with the bus idle. Here each column block
+// is walked KCH weight rows (one chunk) at a time: every row tile and column pass runs over the chunk, in
+// cache, and meanwhile each tile iteration prefetches a share of the chunk two ahead (the layout is one
+// contiguous stream, so that may be the next block's), spread evenly over all of the chunk's iterations so
+// that the loads of the next chunks overlap all of this one's arithmetic. Partial sums wait in part
+// [M x BLOCK_COLS] between chunks: storing and reloading a float is exact, so each element is still the
+// single FMA chain k = 0..K-1 of blocked_tile, and a row's bits do not depend on the path or the batch.
+// The prefetch goes to L1 (prefetcht0): to L2 it measured far worse on Zen 5. Measured choices in
+// blocked_direct.
+template <class WR, int ROWS, int CV>
+inline void chunk_tile(float* part, const float* inp, const typename WR::T* chunk, int k0, int kc, int ldi, bool first,
+                       const char* prefetch, int prefetch_step) {
+  R acc[ROWS][CV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int j = 0; j < CV; ++j) acc[i][j] = first ? Vec::zero() : Vec::load(part + i * BLOCK_COLS + j * W);
+  const typename WR::T* wp = chunk;
+#pragma GCC unroll 4
+  for (int k = 0; k < kc; ++k, wp += BLOCK_COLS) {
+    __builtin_prefetch(prefetch + static_cast<int64_t>(k) * prefetch_step, 0, 3);
+    R b[CV];
+    for (int j = 0; j < CV; ++j) b[j] = WR::load(wp + j * W);
+    for (int i = 0; i < ROWS; ++i) {
+      const R a = Vec::set1(inp[static_cast<int64_t>(i) * ldi + k0 + k]);
+      for (int j = 0; j < CV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < ROWS; ++i)
+    for (int j = 0; j < CV; ++j) Vec::store(part + i * BLOCK_COLS + j * W, acc[i][j]);
+}
+
+template <class WR, int ROWS, int CV>
+inline void chunk_tail(int rows, float* part, const float* inp, const typename WR::T* chunk, int k0, int kc, int ldi,
+                       bool first, const char* prefetch, int prefetch_step) {
+  if constexpr (ROWS > 1) {
+    if (rows == ROWS - 1)
+      return chunk_tile<WR, ROWS - 1, CV>(part, inp, chunk, k0, kc, ldi, first, prefetch, prefetch_step);
+    return chunk_tail<WR, ROWS - 1, CV>(rows, part, inp, chunk, k0, kc, ldi, first, prefetch, prefetch_step);
+  }
+}
+
+// Tiles of SR rows x CV vectors, chunks of KCH weight rows.
+template <class WR, int SR, int CV, int KCH>
+inline void chunked_passes(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
+                           int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
+  constexpr int PASS = CV * W, CB = BLOCK_COLS / W;
+  constexpr int ROW_BYTES = BLOCK_COLS * sizeof(typename WR::T);
+  constexpr int AHEAD = 2;  // chunks; one ahead measured a little slower on both ISAs
+  float* part = scratch_floats(static_cast<int64_t>(M) * BLOCK_COLS, 0);
+  const int tiles = (BLOCK_COLS / PASS) * ((M + SR - 1) / SR);  // tile runs per chunk
+  const int step = (ROW_BYTES + tiles - 1) / tiles;             // bytes prefetched per tile iteration
+  for (int b = b0; b < b1; ++b) {
+    const typename WR::T* block = weight + static_cast<int64_t>(b) * K * BLOCK_COLS;
+    const int n0 = b * BLOCK_COLS;
+    for (int k0 = 0; k0 < K; k0 += KCH) {
+      const int kc = K - k0 < KCH ? K - k0 : KCH;
+      const bool first = k0 == 0;
+      const typename WR::T* chunk = block + static_cast<int64_t>(k0) * BLOCK_COLS;
+      // A hint only (it never faults), so it may point past the last block; integer arithmetic keeps the
+      // pointer out of it.
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(chunk) + static_cast<uintptr_t>(AHEAD) * kc * ROW_BYTES;
+      int t = 0;
+      for (int c = 0; c < BLOCK_COLS; c += PASS) {
+        int m = 0;
+        for (; m + SR <= M; m += SR, ++t)
+          chunk_tile<WR, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0, kc, ldi,
+                                 first, reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * kc * step), step);
+        if (m < M) {
+          chunk_tail<WR, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0,
+                                 kc, ldi, first, reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * kc * step),
+                                 step);
+          ++t;
+        }
+      }
+    }
+    const int ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
+    for (int i = 0; i < M; ++i) {
+      R acc[CB];
+      for (int j = 0; j < CB; ++j) acc[j] = Vec::load(part + i * BLOCK_COLS + j * W);
+      store_sums<CB>(out + static_cast<int64_t>(i) * ldo, acc, bias, n0, ncols, accumulate);
+    }
+  }
+}
+
 // One row against two adjacent column blocks at once (AVX-512 decoding): two sequential streams from memory in
 // flight instead of one, 8 sums in registers. Per element the same FMA chain as blocked_tile. gpt2 decode, Zen 5,
 // 2 threads, ~85 GB/s, five alternating rounds: fp16 272-283 -> 290-297 tok/s (87% of the probe), fp32
@@ -301,9 +386,20 @@ inline void blocked_pair_tile(float* out, const float* inp, const typename WR::T
 //   Past those, 6 x 2, 16 columns (a cache line of fp32) per pass, each weight register shared by three times
 //   as many rows: fp32 batch-16 decode 346 -> 427 tok/s, pp512 1,215 -> 1,300 (packed before), the attention's
 //   own products included; fp16 pp512 1,299 -> 1,405, bf16 1,371 -> 1,402.
+// Chunked passes (same tiles, chunks of K, prefetch two chunks ahead), where they measured faster:
+// - AVX-512 fp32, 16 to 48 rows, chunks of 128 rows (32 KB of fp32; 64, 96, 192, 256 were slower), Zen 5, cold
+//   weights, ~85 GB/s: 16 x 768 x 3072 220-250 -> 163-177 us, 16 x 3072 x 768 238-251 -> 169-177, the fp32 LM
+//   head 3.9 -> 2.8 ms, 24 rows 293 -> 227, 48 rows 508 -> 448; gpt2 fp32 batch-16 decode 867-929 -> 1,027-1,096
+//   tok/s. Slower at 8 and 12 rows (152 -> 239, 182 -> 246 us): too few tiles to hide a chunk's loads behind.
+// - AVX2 fp32 from 9 rows, chunks of 64 (16 KB; 32 was as fast, 128 slower), Zen 3, cold, ~16 GB/s: 768 x 3072
+//   at 9 rows 1,240 -> 544 us, 16 rows 1,346 -> 646, 64 rows 3,309 -> 1,958, 512 rows 20.7 -> 20.2 ms;
+//   16 x 3072 x 768 2,392 -> 776 us, 512 rows 28.6 -> 22.3 ms. There the passes read one line of every four
+//   of a row, so even a warm pass missed L1; a chunk stays in it. AVX2 fp16 and bf16 gained too little to keep
+//   (their widening, not memory, is their limit there); AVX-512 fp16 is not measured with it yet.
 template <class WR>
 inline void blocked_direct(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
                            int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
+  constexpr bool f32 = std::is_same_v<WR, F32W>;
   if constexpr (W == 16) {
     if (M == 1) {
       int b = b0;
@@ -313,12 +409,14 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
       if (b < b1) blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b, b1, accumulate);
       return;
     }
+    if (f32 && M >= 16 && M <= 48)
+      return chunked_passes<WR, 6, 4, 128>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   } else {
-    constexpr bool f32 = std::is_same_v<WR, F32W>;
     if (M == 1 || (f32 && M <= 8))
       return blocked_passes<WR, 1, 8>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     if (!f32 && M <= 64) return blocked_passes<WR, 2, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    if (f32) return chunked_passes<WR, 6, 2, 64>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     blocked_passes<WR, 6, 2>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   }
 }
