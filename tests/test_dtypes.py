@@ -220,12 +220,15 @@ def test_int8_matmul_same_bits_on_every_x86_level(bits):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_int8_matmul_in_k_slices_same_bits_as_rows_alone(isa, bits):
-    """Many rows over a long k go through the weights in slices along k, their float sums kept in memory in
-    between; a row alone takes the whole k in one pass. The operations are the same, so are the bits, at
-    every level (K = 4,200 is more than one slice for every tile shape), with outliers and accumulation."""
+@pytest.mark.parametrize("M", [5, 16, 32, 40])
+def test_int8_matmul_in_k_slices_same_bits_as_rows_alone(isa, bits, M):
+    """Many rows over a long k go through the weights in slices along k (AVX2 batches up to 32 rows: in
+    prefetched chunks, every column unit of a block in turn), their float sums kept in memory in between; a row
+    alone takes the whole k in one pass. The operations are the same, so are the bits, at every level
+    (K = 4,200 is more than one slice for every tile shape), with outliers and accumulation, a ragged last
+    block and a row tile cut short."""
     rng = np.random.default_rng(11)
-    M, K, N = 40, 4200, 130
+    K, N = 4200, 130
     a = rng.standard_normal((M, K), dtype=np.float32)
     t = quantize_int8("w", rng.standard_normal((K, N), dtype=np.float32), [3, 2000], bits)
     b = rng.standard_normal(N).astype(np.float32)

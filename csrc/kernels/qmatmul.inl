@@ -109,13 +109,14 @@ struct QRows {
 // Groups g0..g1-1 only: a tile that starts past group 0 takes its float sums from `partial` ([ROWS][CV*L]),
 // one that ends before the last group leaves them there instead of finishing the output; the sums see the
 // same operations in the same order either way.
-template <int ROWS, int CV, bool Q4>
+template <int ROWS, int CV, bool Q4, bool SLICED = !Q4>
 inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const uint16_t* sblock, int c,
-                    const float* bias, int n0, int ncols, bool accumulate, int slice_g0, int slice_g1, float* partial) {
+                    const float* bias, int n0, int ncols, bool accumulate, int slice_g0, int slice_g1, float* partial,
+                    const char* prefetch = nullptr, int prefetch_step = 0) {
   constexpr int UNIT = CV * L;
   const int Kp = x.Kp, groups = Kp / GROUP;
-  // int4 is never sliced (q8_range): its tiles keep the whole-k loop the compiler sees as such.
-  const int g0 = Q4 ? 0 : slice_g0, g1 = Q4 ? groups : slice_g1;
+  // int4 is never sliced by q8_range: its tiles keep the whole-k loop the compiler sees as such.
+  const int g0 = SLICED ? slice_g0 : 0, g1 = SLICED ? slice_g1 : groups;
   R acc[ROWS][CV];
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = g0 == 0 ? Vec::zero() : Vec::load(partial + i * UNIT + j * L);
@@ -129,6 +130,10 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
     const int8_t* xg = x.xq + g * GROUP;
     if constexpr (Q4) {
       for (int q = 0; q < QUADS; q += 2, wq += QUAD_BYTES, xg += 8) {
+        if (prefetch) {
+          __builtin_prefetch(prefetch, 0, 3);
+          prefetch += prefetch_step;
+        }
         I lo[CV], hi[CV];
         for (int j = 0; j < CV; ++j) {
           const I raw = QDot::load(wq + j * L * 4);
@@ -145,6 +150,10 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
         for (int j = 0; j < CV; ++j) sum[i][j] = QDot::group_sum(sum[i][j]);
     } else {
       for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES, xg += 4) {
+        if (prefetch) {
+          __builtin_prefetch(prefetch, 0, 3);
+          prefetch += prefetch_step;
+        }
         if constexpr (ROWS == 1) {  // each weight register used as soon as loaded: AVX2's 16 hold the 8 sums
           const I xb = QDot::bcast(four_bytes(xg));
           for (int j = 0; j < CV; ++j) sum[0][j] = QDot::dot(sum[0][j], xb, QDot::weights(QDot::load(wq + j * L * 4)));
@@ -190,13 +199,69 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
 }
 
 // The last rows - m (fewer than ROWS) of a unit, one tile.
-template <int ROWS, int CV, bool Q4>
+template <int ROWS, int CV, bool Q4, bool SLICED = !Q4>
 inline void q8_tail(int rows, float* out, int ldo, QRows x, const int8_t* wb, const uint16_t* sb, int c,
-                    const float* bias, int n0, int ncols, bool accumulate, int g0, int g1, float* partial) {
+                    const float* bias, int n0, int ncols, bool accumulate, int g0, int g1, float* partial,
+                    const char* prefetch = nullptr, int prefetch_step = 0) {
   if constexpr (ROWS > 1) {
     if (rows == ROWS - 1)
-      return q8_tile<ROWS - 1, CV, Q4>(out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate, g0, g1, partial);
-    return q8_tail<ROWS - 1, CV, Q4>(rows, out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate, g0, g1, partial);
+      return q8_tile<ROWS - 1, CV, Q4, SLICED>(out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate, g0, g1, partial,
+                                               prefetch, prefetch_step);
+    return q8_tail<ROWS - 1, CV, Q4, SLICED>(rows, out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate, g0, g1,
+                                             partial, prefetch, prefetch_step);
+  }
+}
+
+// Rows m0..m1-1 against units u0..u1-1 (AVX2 batches), the way matmul.inl's chunked_passes walks float
+// weights: block by block, each block's k in chunks of CHUNK_GROUPS groups (int8 16 KB, int4 8 KB), every unit
+// and row tile of the block running over a chunk in L1 while each tile iteration prefetches an even share of
+// the chunk two ahead. Without the prefetch the first tile of each unit waited on memory and the others ran
+// with the bus idle (chunks alone measured no faster); numbers in q8_matmul_forward. The float sums wait in
+// `partial` [units of a block][M][UNIT] between chunks: the same operations in the same order as q8_range.
+constexpr int CHUNK_GROUPS = 8;
+
+template <int ROWS, int CV, bool Q4>
+inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bias, int m0, int m1, int N, int ldo,
+                       int u0, int u1, bool accumulate) {
+  constexpr int UNIT = CV * L, UPB = BLOCK / UNIT;
+  constexpr int ROWS_PER_GROUP = Q4 ? QUADS / 2 : QUADS;  // rows of QUAD_BYTES per group
+  const int8_t* q = static_cast<const int8_t*>(w.data);
+  const uint16_t* s = w.group_scales;
+  const int Kp = x.Kp, groups = Kp / GROUP, M = m1 - m0;
+  float* partial = scratch_floats(static_cast<int64_t>(M) * BLOCK, 0);
+  const int row_tiles = (M + ROWS - 1) / ROWS;
+  for (int b = u0 / UPB; b * UPB < u1 && b * BLOCK < N; ++b) {
+    const int ua = u0 > b * UPB ? u0 : b * UPB, ub = u1 < (b + 1) * UPB ? u1 : (b + 1) * UPB;
+    const int8_t* wb = q + static_cast<int64_t>(b) * (Q4 ? Kp / 2 : Kp) * BLOCK;
+    const uint16_t* sb = s + static_cast<int64_t>(b) * (Kp / GROUP) * BLOCK;
+    const int tiles = (ub - ua) * row_tiles;
+    const int step = (QUAD_BYTES + tiles - 1) / tiles;  // bytes prefetched per tile iteration
+    for (int g0 = 0; g0 < groups; g0 += CHUNK_GROUPS) {
+      const int g1 = g0 + CHUNK_GROUPS < groups ? g0 + CHUNK_GROUPS : groups;
+      const int iters = (g1 - g0) * ROWS_PER_GROUP;  // per tile
+      // A hint only (it never faults), so it may point past the last block; integer arithmetic keeps the
+      // pointer out of it.
+      const uintptr_t ahead = reinterpret_cast<uintptr_t>(wb + static_cast<int64_t>(g0) * ROWS_PER_GROUP * QUAD_BYTES) +
+                              static_cast<uintptr_t>(2) * iters * QUAD_BYTES;
+      int t = 0;
+      for (int u = ua; u < ub; ++u) {
+        const int c = (u % UPB) * UNIT, n0 = b * BLOCK + c;
+        if (n0 >= N) break;
+        const int ncols = N - n0 < UNIT ? N - n0 : UNIT;
+        float* pu = partial + static_cast<int64_t>(u % UPB) * M * UNIT;
+        int m = m0;
+        for (; m + ROWS <= m1; m += ROWS, ++t)
+          q8_tile<ROWS, CV, Q4, true>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
+                                      accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT,
+                                      reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * iters * step), step);
+        if (m < m1) {
+          q8_tail<ROWS, CV, Q4, true>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0,
+                                      ncols, accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT,
+                                      reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * iters * step), step);
+          ++t;
+        }
+      }
+    }
   }
 }
 
@@ -253,7 +318,7 @@ constexpr int Q_CV = BLOCK / L;
 constexpr int Q_ROWS_GEMM = L == 16 ? 6 : QDot::offset ? 3 : 2;
 constexpr int Q_CV_GEMM = 2;
 
-template <int ROWS, int CV, bool Q4>
+template <int ROWS, int CV, bool Q4, bool CHUNKED = false>
 void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, const WeightView& w, const float* bias,
                  int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
   constexpr int UNIT = CV * L;
@@ -275,7 +340,10 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
       const int u_end = (g + 1) * units < k1 ? units : k1 - g * units;
       const int m0 = static_cast<int>(static_cast<int64_t>(M) * g / mgroups);
       const int m1 = static_cast<int>(static_cast<int64_t>(M) * (g + 1) / mgroups);
-      q8_range<ROWS, CV, Q4>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
+      if constexpr (CHUNKED)
+        q8_chunked<ROWS, CV, Q4>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
+      else
+        q8_range<ROWS, CV, Q4>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
       task += u_end - u;
     }
   });
@@ -323,7 +391,18 @@ void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* 
     // AVX2, measured the same way in AVX2 mode on Zen 5: whole-block 3 x 4 tiles (some sums spill) beat 2 x 2
     // with vpmaddubsw at 16 rows (265 vs 213 GOP/s) and 512 (321 vs 255); with AVX-VNNI at 16 rows (478 vs 396)
     // but not at 512 (571 vs 620).
-    if (!q4 && (!QDot::offset || M <= 32))
+    // Up to 32 rows, in prefetched chunks (q8_chunked). Zen 3 (AVX2, vpmaddubsw), 2 threads, 768 x 3072 cold,
+    // interleaved best of 5: int8 9 rows 493 -> 356 us, 16 rows 719 -> 593, 32 rows 1,328 -> 1,165; int4 299
+    // -> 238, 475 -> 392, 885 -> 721; 64 rows within 3% either way (so not there); 16 x 3072 x 768 int8 691 ->
+    // 601, int4 534 -> 428. Chunks of 4 or 12 groups, or prefetching one or three chunks ahead, no better.
+    // gpt2 batch-16 decode int8 283-327 -> 335-398 tok/s, int4 352-354 -> 439-441.
+    if (M <= 32) {
+      if (q4)
+        return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, true, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
+                                                              parallel);
+      return q8_parallel<3, 4, false, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    }
+    if (!q4 && !QDot::offset)
       return q8_parallel<3, 4, false>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
     if (q4)
       return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
