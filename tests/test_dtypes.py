@@ -152,7 +152,8 @@ def test_bf16_rows_independent_of_batch(isa, blocked):
 @pytest.mark.parametrize("K", [63, 128, 129, 300, 3072])
 def test_blocked_batches_against_rows(isa, dtype, K):
     """The blocked layout at the row counts of batched decoding and prefill, where the kernels walk the weights in
-    chunks of K with partial sums kept between them (AVX2 fp32 from 9 rows, AVX-512 from 16 to 48): K below,
+    chunks of K with partial sums kept between them (AVX2 fp32 from 4 rows, fp16/bf16 from 2 to 64; AVX-512
+    fp32 from 16 to 48), and at the counts around those bounds that take other tiles: K below,
     at, just past and many times a chunk, a ragged last column block, bias and accumulate. Every row equals the
     same row computed alone (which takes the one-row path) bit for bit, and the numpy reference."""
     rng = np.random.default_rng(K)
@@ -160,7 +161,7 @@ def test_blocked_batches_against_rows(isa, dtype, K):
     w, b = rng.standard_normal((K, N), dtype=np.float32), rng.standard_normal(N).astype(np.float32)
     arr, vals = stored(w, dtype)
     arr = to_blocked(arr)
-    for M in (9, 15, 16, 17, 24, 48, 49, 100):
+    for M in (2, 3, 4, 9, 15, 16, 17, 24, 48, 49, 64, 65, 100):
         a, prev = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((M, N), dtype=np.float32)
         batch = _core.kernels.matmul(isa, a, arr, b, prev.copy(), True)
         for r in (0, M // 2, M - 1):

@@ -378,24 +378,29 @@ inline void blocked_pair_tile(float* out, const float* inp, const typename WR::T
 // 12 layers of gpt2 weights cold in cache, Zen 5, 2 threads:
 // - AVX-512: 6 x 4 from 2 rows on (one row: two blocks at a time, blocked_pair_tile); against packing panels,
 //   fp16 16 rows 9 ms instead of 16, 64 rows 27 instead of 37, 512 rows 192 instead of 204.
-// - AVX2, one row (decoding), and fp32 up to 8 rows: 1 x 8, a whole block per pass, each 256-byte row of fp32
+// - AVX2, one row (decoding), and fp32 up to 3 rows: 1 x 8, a whole block per pass, each 256-byte row of fp32
 //   read front to back (the weights go straight from memory into the FMAs, 8 sums + a broadcast in registers);
 //   2 x 4 read two lines of every four and left the other two for a second pass: gpt2 decode fp32 75 -> 92
-//   tok/s, fp16 163 -> 186, bf16 146 -> 183, fp32 batch-4 213 -> 277, batch-8 292 -> 380. fp16 and bf16 keep
-//   2 x 4 from 2 to 64 rows, where 1 x 8 would widen each weight once per row (fp16 batch-8 583 against 520).
-//   Past those, 6 x 2, 16 columns (a cache line of fp32) per pass, each weight register shared by three times
-//   as many rows: fp32 batch-16 decode 346 -> 427 tok/s, pp512 1,215 -> 1,300 (packed before), the attention's
-//   own products included; fp16 pp512 1,299 -> 1,405, bf16 1,371 -> 1,402.
+//   tok/s, fp16 163 -> 186, bf16 146 -> 183, fp32 batch-4 213 -> 277, batch-8 292 -> 380 (1 x 8 would widen
+//   fp16/bf16 weights once per row). Past those, 6 x 2, 16 columns (a cache line of fp32) per pass, each
+//   weight register shared by three times as many rows: fp32 batch-16 decode 346 -> 427 tok/s, pp512 1,215 ->
+//   1,300 (packed before), the attention's own products included; fp16 pp512 1,299 -> 1,405, bf16 1,371 ->
+//   1,402; since then in chunks where that measured faster (below).
 // Chunked passes (same tiles, chunks of K, prefetch two chunks ahead), where they measured faster:
 // - AVX-512 fp32, 16 to 48 rows, chunks of 128 rows (32 KB of fp32; 64, 96, 192, 256 were slower), Zen 5, cold
 //   weights, ~85 GB/s: 16 x 768 x 3072 220-250 -> 163-177 us, 16 x 3072 x 768 238-251 -> 169-177, the fp32 LM
 //   head 3.9 -> 2.8 ms, 24 rows 293 -> 227, 48 rows 508 -> 448; gpt2 fp32 batch-16 decode 867-929 -> 1,027-1,096
 //   tok/s. Slower at 8 and 12 rows (152 -> 239, 182 -> 246 us): too few tiles to hide a chunk's loads behind.
-// - AVX2 fp32 from 9 rows, chunks of 64 (16 KB; 32 was as fast, 128 slower), Zen 3, cold, ~16 GB/s: 768 x 3072
-//   at 9 rows 1,240 -> 544 us, 16 rows 1,346 -> 646, 64 rows 3,309 -> 1,958, 512 rows 20.7 -> 20.2 ms;
-//   16 x 3072 x 768 2,392 -> 776 us, 512 rows 28.6 -> 22.3 ms. There the passes read one line of every four
-//   of a row, so even a warm pass missed L1; a chunk stays in it. AVX2 fp16 and bf16 gained too little to keep
-//   (their widening, not memory, is their limit there); AVX-512 fp16 is not measured with it yet.
+// - AVX2, chunks of 64 rows (16 KB of fp32; 32 was as fast, 128 slower), Zen 3, 2 threads, cold, ~16 GB/s,
+//   interleaved: fp32 from 4 rows (768 x 3072: 4 rows 933 -> 781 us, 8 rows 1,412 -> 891, 16 rows 1,346 ->
+//   646, 64 rows 3,309 -> 1,958, 512 rows 20.7 -> 20.2 ms; 16 x 3072 x 768 2,392 -> 776 us, 512 rows 28.6 ->
+//   22.3 ms; 1 row 510 -> 736 and 2 rows even, so 1 x 8 stays there); fp16 and bf16 from 2 to 64 rows
+//   (fp16 2 rows 323 -> 271, 8 rows 588 -> 387, 16 rows 850 -> 610, 64 rows 2,690 -> 2,292; bf16 504 -> 349,
+//   933 -> 601, 1,070 -> 740, 3,195 -> 2,400; even at 128 rows, slower from 256: 6 x 2 passes stay there).
+//   This replaced 2 x 4 passes for fp16 and bf16 and 6 x 2 for fp32 beyond 8 rows. Those passes read one line
+//   of every four of a row, so even a warm pass missed L1; a chunk stays in it. gpt2 batch-16 decode: fp32
+//   149-168 -> 348-363 tok/s, fp16 256-265 -> 327-361, bf16 224-229 -> 324-328; fp32 pp512 464-579 -> 623-705.
+//   AVX-512 fp16 and bf16 (without bf16 dot products) are not measured with chunks yet.
 template <class WR>
 inline void blocked_direct(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
                            int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
@@ -413,10 +418,9 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
       return chunked_passes<WR, 6, 4, 128>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   } else {
-    if (M == 1 || (f32 && M <= 8))
+    if (M == 1 || (f32 && M <= 3))
       return blocked_passes<WR, 1, 8>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
-    if (!f32 && M <= 64) return blocked_passes<WR, 2, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
-    if (f32) return chunked_passes<WR, 6, 2, 64>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    if (f32 || M <= 64) return chunked_passes<WR, 6, 2, 64>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     blocked_passes<WR, 6, 2>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   }
 }
