@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import gptcpp
-from gptcpp.bench import format_compute_factor
+from gptcpp.bench import format_compute_factor, same_format_ratios
 from conftest import random_gpt2, save
 
 
@@ -35,6 +35,25 @@ def test_bench_quick(tmp_path):
         factor = format_compute_factor(name.split()[1].replace("-blocked", ""), data["machine"]["isa"])
         assert res["prefill_fraction_of_gemm"] == pytest.approx(factor * res["prefill_fraction_of_format_peak"])
     assert "contender" in r.stdout
+
+
+def test_same_format_peers_follow_the_cpu():
+    """OpenVINO's fp32 computes in bf16 on a CPU with AVX512-BF16 (gptcpp bf16's peer there) and in float32
+    without it (then an fp32 peer, and the 16-bit formats meet its fp16 weights and llama.cpp's F16)."""
+    fig = lambda pp, tg, b: {"pp_tok_s": pp, "tg_tok_s": tg, "batch_tok_s": b}
+    results = {"gptcpp fp32": fig(100, 10, 50), "gptcpp bf16": fig(200, 20, 100), "gptcpp fp16": fig(150, 20, 80),
+               "ctranslate2 fp32": fig(80, 8, 25), "openvino fp32": fig(125, 5, 100),
+               "openvino fp16": fig(120, 16, 40), "llama.cpp f16": fig(100, 10, 0)}
+    with_bf16 = same_format_ratios(results, cpu_bf16=True)
+    assert with_bf16["gptcpp fp32"]["pp_tok_s"] == (1.25, "ctranslate2 fp32")
+    assert with_bf16["gptcpp bf16"]["pp_tok_s"] == (1.6, "openvino fp32")
+    assert with_bf16["gptcpp fp16"]["tg_tok_s"] == (2.0, "llama.cpp f16")
+    without = same_format_ratios(results, cpu_bf16=False)
+    assert without["gptcpp fp32"]["pp_tok_s"] == (0.8, "openvino fp32")
+    assert without["gptcpp fp32"]["batch_tok_s"] == (0.5, "openvino fp32")
+    assert without["gptcpp bf16"]["pp_tok_s"] == (pytest.approx(200 / 120), "openvino fp16")
+    assert without["gptcpp bf16"]["tg_tok_s"] == (1.25, "openvino fp16")
+    assert without["gptcpp fp16"]["batch_tok_s"] == (2.0, "openvino fp16")  # llama.cpp has no batch figure
 
 
 def test_bench_peers_quick_runs_whatever_is_installed(tmp_path):

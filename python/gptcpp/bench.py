@@ -548,7 +548,8 @@ def run(args) -> int:
                       "numpy_gemm_gflops": gemm},
            "results": results,
            "same_format": {name: {k: {"ratio": ratio, "peer": peer} for k, (ratio, peer) in v.items()}
-                           for name, v in same_format_ratios(results).items()}}
+                           for name, v in same_format_ratios(
+                               results, "avx512-bf16" in _core.cpu_info()["supported_isas"]).items()}}
     _print(out, peers)
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -575,6 +576,11 @@ SAME_FORMAT = {
     "int8": ("llama.cpp q8_0", "openvino int8"),
     "int4": ("llama.cpp q4_0", "openvino int4"),
 }
+# Where the CPU has no AVX512-BF16, OpenVINO computes its fp32 model in float32 (and its fp16 weights are widened
+# to float32, as gptcpp's fp16 and bf16 are there): its fp32 is then an fp32 peer, and the 16-bit formats meet
+# the 16-bit weights of the others.
+SAME_FORMAT_WITHOUT_BF16 = dict(SAME_FORMAT, fp32=SAME_FORMAT["fp32"] + ("openvino fp32",),
+                                fp16=("llama.cpp f16", "openvino fp16"), bf16=("llama.cpp f16", "openvino fp16"))
 
 
 def format_compute_factor(dtype: str, isa: str) -> int:
@@ -588,14 +594,16 @@ def format_compute_factor(dtype: str, isa: str) -> int:
     return 1
 
 
-def same_format_ratios(results: dict) -> dict:
-    """gptcpp contender -> {metric: (ratio, peer)} against the best same-format peer in the run."""
+def same_format_ratios(results: dict, cpu_bf16: bool = True) -> dict:
+    """gptcpp contender -> {metric: (ratio, peer)} against the best same-format peer in the run; cpu_bf16: whether
+    the CPU has AVX512-BF16 (which OpenVINO's fp32 then computes with)."""
+    table = SAME_FORMAT if cpu_bf16 else SAME_FORMAT_WITHOUT_BF16
     out = {}
     for name, r in results.items():
         if not name.startswith("gptcpp "):
             continue
         fmt = name.split()[1].split("-")[0]
-        peers = {p: results[p] for p in SAME_FORMAT.get(fmt, ()) if p in results}
+        peers = {p: results[p] for p in table.get(fmt, ()) if p in results}
         ratios = {}
         for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s"):
             best = max(((v[k], p) for p, v in peers.items() if v[k] > 0), default=None)
