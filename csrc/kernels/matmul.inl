@@ -327,18 +327,17 @@ inline void chunked_passes(float* out, const float* inp, const typename WR::T* w
       // A hint only (it never faults), so it may point past the last block; integer arithmetic keeps the
       // pointer out of it.
       const uintptr_t ahead = reinterpret_cast<uintptr_t>(chunk) + static_cast<uintptr_t>(AHEAD) * kc * ROW_BYTES;
+      // tile run t's share: kc iterations of `step` bytes
+      auto share = [&](int t) { return reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * kc * step); };
       int t = 0;
       for (int c = 0; c < BLOCK_COLS; c += PASS) {
         int m = 0;
         for (; m + SR <= M; m += SR, ++t)
           chunk_tile<WR, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0, kc, ldi,
-                                 first, reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * kc * step), step);
-        if (m < M) {
+                                 first, share(t), step);
+        if (m < M)
           chunk_tail<WR, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0,
-                                 kc, ldi, first, reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * kc * step),
-                                 step);
-          ++t;
-        }
+                                 kc, ldi, first, share(t++), step);
       }
     }
     const int ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
@@ -420,7 +419,8 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
   } else {
     if (M == 1 || (f32 && M <= 3))
       return blocked_passes<WR, 1, 8>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
-    if (f32 || M <= 64) return chunked_passes<WR, 6, 2, 64>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    if (f32 || M <= 64)
+      return chunked_passes<WR, 6, 2, 64>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     blocked_passes<WR, 6, 2>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   }
 }

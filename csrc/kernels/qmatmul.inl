@@ -243,6 +243,10 @@ inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bi
       // pointer out of it.
       const uintptr_t ahead = reinterpret_cast<uintptr_t>(wb + static_cast<int64_t>(g0) * ROWS_PER_GROUP * QUAD_BYTES) +
                               static_cast<uintptr_t>(2) * iters * QUAD_BYTES;
+      // tile run t's share: iters iterations of `step` bytes
+      auto share = [&](int t) {
+        return reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * iters * step);
+      };
       int t = 0;
       for (int u = ua; u < ub; ++u) {
         const int c = (u % UPB) * UNIT, n0 = b * BLOCK + c;
@@ -252,14 +256,11 @@ inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bi
         int m = m0;
         for (; m + ROWS <= m1; m += ROWS, ++t)
           q8_tile<ROWS, CV, Q4, true>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
-                                      accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT,
-                                      reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * iters * step), step);
-        if (m < m1) {
+                                      accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT, share(t), step);
+        if (m < m1)
           q8_tail<ROWS, CV, Q4, true>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0,
-                                      ncols, accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT,
-                                      reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * iters * step), step);
-          ++t;
-        }
+                                      ncols, accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT, share(t++),
+                                      step);
       }
     }
   }
@@ -398,8 +399,8 @@ void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* 
     // gpt2 batch-16 decode int8 283-327 -> 335-398 tok/s, int4 352-354 -> 439-441.
     if (M <= 32) {
       if (q4)
-        return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, true, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
-                                                              parallel);
+        return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, true, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo,
+                                                              accumulate, parallel);
       return q8_parallel<3, 4, false, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
     }
     if (!q4 && !QDot::offset)
