@@ -268,7 +268,7 @@ inline void blocked_passes(float* out, const float* inp, const typename WR::T* w
 // Chunked passes: the blocked path for batches, where blocked_passes leaves memory and arithmetic taking
 // turns. There, a pass's first row tile pulls each weight line from memory while its FMAs wait on it, and
 // the pass's other row tiles then find the lines in cache and run with the bus idle. Here each column block
-// is walked KCH weight rows (one chunk) at a time: every row tile and column pass runs over the chunk, in
+// is walked KCH weight rows (one chunk) at a time: every row tile runs over the chunk, in each column pass, in
 // cache, and meanwhile each tile iteration prefetches a share of the chunk two ahead (the layout is one
 // contiguous stream, so that may be the next block's), spread evenly over all of the chunk's iterations so
 // that the loads of the next chunks overlap all of this one's arithmetic. Partial sums wait in part
@@ -329,16 +329,18 @@ inline void chunked_passes(float* out, const float* inp, const typename WR::T* w
       const uintptr_t ahead = reinterpret_cast<uintptr_t>(chunk) + static_cast<uintptr_t>(AHEAD) * kc * ROW_BYTES;
       // tile run t's share: kc iterations of `step` bytes
       auto share = [&](int t) { return reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * kc * step); };
-      int t = 0;
-      for (int c = 0; c < BLOCK_COLS; c += PASS) {
-        int m = 0;
-        for (; m + SR <= M; m += SR, ++t)
+      // Row tile by row tile, each through all of the block's column passes (AVX2: four), so that the tile's
+      // rows of inp stay in L1 while the chunk does too; passes outside made every pass re-read all M rows
+      // from L2: fp32 512 x 768 x 3072 20.2 -> 17.4 ms (Zen 3), 512 x 3072 x 768 23.0 -> 22.2, 16 rows even.
+      int t = 0, m = 0;
+      for (; m + SR <= M; m += SR)
+        for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
           chunk_tile<WR, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0, kc, ldi,
                                  first, share(t), step);
-        if (m < M)
+      if (m < M)
+        for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
           chunk_tail<WR, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0,
-                                 kc, ldi, first, share(t++), step);
-      }
+                                 kc, ldi, first, share(t), step);
     }
     const int ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
     for (int i = 0; i < M; ++i) {
