@@ -621,7 +621,7 @@ def _print(out, peers):
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in lim["numpy_gemm_gflops"].items() if k != "blas"))
     best_peer = {k: max((p[k] for p in peers.values() if p[k] > 0), default=None)
                  for k in ("pp_tok_s", "tg_tok_s", "batch_tok_s")}
-    same = same_format_ratios(out["results"])
+    same = {name: {k: (v["ratio"], v["peer"]) for k, v in d.items()} for name, d in out["same_format"].items()}
     print(f"{'contender':26} {'pp tok/s':>10} {'tg tok/s':>10} {'batch tok/s':>12}  notes")
     for name, r in out["results"].items():
         notes = []
