@@ -276,6 +276,22 @@ inline void blocked_passes(float* out, const float* inp, const typename WR::T* w
 // single FMA chain k = 0..K-1 of blocked_tile, and a row's bits do not depend on the path or the batch.
 // The prefetch goes to L1 (prefetcht0): to L2 it measured far worse on Zen 5. Measured choices in
 // blocked_direct.
+// The prefetch schedule of a chunked kernel (here and qmatmul.inl's q8_chunked): the chunk AHEAD chunks on
+// (weight rows of row_bytes, one contiguous stream, so it may be the next block's) split evenly over the `runs`
+// tile runs of this chunk, each of `iters` iterations prefetching `step` bytes. A hint only (it never faults),
+// so it may point past the last block; integer arithmetic keeps the pointer out of it.
+struct ChunkPrefetch {
+  static constexpr int AHEAD = 2;  // chunks; one ahead measured a little slower on both ISAs
+  uintptr_t ahead;
+  int iters, step;
+  ChunkPrefetch(const void* chunk, int iters, int row_bytes, int runs)
+      : ahead(reinterpret_cast<uintptr_t>(chunk) + static_cast<uintptr_t>(AHEAD) * iters * row_bytes),
+        iters(iters), step((row_bytes + runs - 1) / runs) {}
+  const char* share(int run) const {  // where tile run `run` starts prefetching
+    return reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(run) * iters * step);
+  }
+};
+
 template <class WR, int ROWS, int CV>
 inline void chunk_tile(float* part, const float* inp, const typename WR::T* chunk, int k0, int kc, int ldi, bool first,
                        const char* prefetch, int prefetch_step) {
@@ -313,10 +329,8 @@ inline void chunked_passes(float* out, const float* inp, const typename WR::T* w
                            int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
   constexpr int PASS = CV * W, CB = BLOCK_COLS / W;
   constexpr int ROW_BYTES = BLOCK_COLS * sizeof(typename WR::T);
-  constexpr int AHEAD = 2;  // chunks; one ahead measured a little slower on both ISAs
   float* part = scratch_floats(static_cast<int64_t>(M) * BLOCK_COLS, 0);
-  const int tiles = (BLOCK_COLS / PASS) * ((M + SR - 1) / SR);  // tile runs per chunk
-  const int step = (ROW_BYTES + tiles - 1) / tiles;             // bytes prefetched per tile iteration
+  const int runs = (BLOCK_COLS / PASS) * ((M + SR - 1) / SR);  // tile runs per chunk
   for (int b = b0; b < b1; ++b) {
     const typename WR::T* block = weight + static_cast<int64_t>(b) * K * BLOCK_COLS;
     const int n0 = b * BLOCK_COLS;
@@ -324,11 +338,7 @@ inline void chunked_passes(float* out, const float* inp, const typename WR::T* w
       const int kc = K - k0 < KCH ? K - k0 : KCH;
       const bool first = k0 == 0;
       const typename WR::T* chunk = block + static_cast<int64_t>(k0) * BLOCK_COLS;
-      // A hint only (it never faults), so it may point past the last block; integer arithmetic keeps the
-      // pointer out of it.
-      const uintptr_t ahead = reinterpret_cast<uintptr_t>(chunk) + static_cast<uintptr_t>(AHEAD) * kc * ROW_BYTES;
-      // tile run t's share: kc iterations of `step` bytes
-      auto share = [&](int t) { return reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * kc * step); };
+      const ChunkPrefetch pf(chunk, kc, ROW_BYTES, runs);
       // Row tile by row tile, each through all of the block's column passes (AVX2: four), so that the tile's
       // rows of inp stay in L1 while the chunk does too; passes outside made every pass re-read all M rows
       // from L2: fp32 512 x 768 x 3072 20.2 -> 17.4 ms (Zen 3), 512 x 3072 x 768 23.0 -> 22.2, 16 rows even.
@@ -336,11 +346,11 @@ inline void chunked_passes(float* out, const float* inp, const typename WR::T* w
       for (; m + SR <= M; m += SR)
         for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
           chunk_tile<WR, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0, kc, ldi,
-                                 first, share(t), step);
+                                 first, pf.share(t), pf.step);
       if (m < M)
         for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
           chunk_tail<WR, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0,
-                                 kc, ldi, first, share(t), step);
+                                 kc, ldi, first, pf.share(t), pf.step);
     }
     const int ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
     for (int i = 0; i < M; ++i) {

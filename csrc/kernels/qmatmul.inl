@@ -234,19 +234,12 @@ inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bi
     const int ua = u0 > b * UPB ? u0 : b * UPB, ub = u1 < (b + 1) * UPB ? u1 : (b + 1) * UPB;
     const int8_t* wb = q + static_cast<int64_t>(b) * (Q4 ? Kp / 2 : Kp) * BLOCK;
     const uint16_t* sb = s + static_cast<int64_t>(b) * (Kp / GROUP) * BLOCK;
-    const int tiles = (ub - ua) * row_tiles;
-    const int step = (QUAD_BYTES + tiles - 1) / tiles;  // bytes prefetched per tile iteration
+    const int runs = (ub - ua) * row_tiles;  // tile runs per chunk
     for (int g0 = 0; g0 < groups; g0 += CHUNK_GROUPS) {
       const int g1 = g0 + CHUNK_GROUPS < groups ? g0 + CHUNK_GROUPS : groups;
       const int iters = (g1 - g0) * ROWS_PER_GROUP;  // per tile
-      // A hint only (it never faults), so it may point past the last block; integer arithmetic keeps the
-      // pointer out of it.
-      const uintptr_t ahead = reinterpret_cast<uintptr_t>(wb + static_cast<int64_t>(g0) * ROWS_PER_GROUP * QUAD_BYTES) +
-                              static_cast<uintptr_t>(2) * iters * QUAD_BYTES;
-      // tile run t's share: iters iterations of `step` bytes
-      auto share = [&](int t) {
-        return reinterpret_cast<const char*>(ahead + static_cast<uintptr_t>(t) * iters * step);
-      };
+      const matmul_detail::ChunkPrefetch pf(wb + static_cast<int64_t>(g0) * ROWS_PER_GROUP * QUAD_BYTES, iters,
+                                            QUAD_BYTES, runs);
       int t = 0;
       for (int u = ua; u < ub; ++u) {
         const int c = (u % UPB) * UNIT, n0 = b * BLOCK + c;
@@ -256,11 +249,12 @@ inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bi
         int m = m0;
         for (; m + ROWS <= m1; m += ROWS, ++t)
           q8_tile<ROWS, CV, Q4, true>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
-                                      accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT, share(t), step);
+                                      accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT, pf.share(t),
+                                      pf.step);
         if (m < m1)
           q8_tail<ROWS, CV, Q4, true>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0,
-                                      ncols, accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT, share(t++),
-                                      step);
+                                      ncols, accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT,
+                                      pf.share(t++), pf.step);
       }
     }
   }
