@@ -594,7 +594,7 @@ def format_compute_factor(dtype: str, isa: str) -> int:
     return 1
 
 
-def same_format_ratios(results: dict, cpu_bf16: bool = True) -> dict:
+def same_format_ratios(results: dict, cpu_bf16: bool) -> dict:
     """gptcpp contender -> {metric: (ratio, peer)} against the best same-format peer in the run; cpu_bf16: whether
     the CPU has AVX512-BF16 (which OpenVINO's fp32 then computes with)."""
     table = SAME_FORMAT if cpu_bf16 else SAME_FORMAT_WITHOUT_BF16
