@@ -58,6 +58,7 @@ inline void value_cols(float* o, const float* p, const typename WR::T* const* vb
                        int rem) {
   constexpr int W = Vec::width;
   Vec::reg total[NC];
+  for (int v = 0; v < NC; ++v) total[v] = Vec::zero();  // what no keys sum to (callers always have one)
   for (int b = 0; b * kBlockCols < n_keys; ++b) {
     Vec::reg acc[NC];
     const typename WR::T* bv[NC];
