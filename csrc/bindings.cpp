@@ -70,20 +70,24 @@ DType dtype_of(const py::array& w, const std::string& name) {
   if (kind == 'f' && item == 2) return DType::f16;
   if (kind == 'u' && item == 2) return DType::bf16;
   if (kind == 'i' && item == 1) return DType::q8;
-  if (kind == 'u' && item == 1) return DType::q4;
-  throw std::invalid_argument("tensor " + name + " must be float32, float16, uint16 (bf16), int8 or uint8 (int4)");
+  if (kind == 'u' && item == 1) return DType::q4;  // or q6: q8_view tells them apart by shape
+  throw std::invalid_argument("tensor " + name + " must be float32, float16, uint16 (bf16), int8 or uint8 (int4, int6)");
 }
 
-// q8 / q4 weights (kernels.h): int8 [ceil(N/64)][Kp/4][64][4] (int4: uint8 [ceil(N/64)][Kp/8][64][4], two
-// values a byte) and fp16 scales [ceil(N/64)][Kp/32][64] for a [K,N] matrix, Kp = K rounded up to 32
-// (qmatmul.inl's layout). Checked in full: a wrong shape must not be read.
+// q8 / q4 / q6 weights (kernels.h): int8 [ceil(N/64)][Kp/4][64][4] (int4: uint8 [ceil(N/64)][Kp/8][64][4], two
+// values a byte; int6: uint8 [ceil(N/64)][3*Kp/16][64][4], told from int4 by that second dimension) and fp16
+// scales [ceil(N/64)][Kp/32][64] for a [K,N] matrix, Kp = K rounded up to 32 (qmatmul.inl's layouts). Checked
+// in full: a wrong shape must not be read.
 WeightView q8_view(const py::array& q, const py::array& scales, int64_t K, int64_t N, const std::string& name) {
   const int64_t nb = (N + kBlockCols - 1) / kBlockCols, Kp = (K + kQuantGroup - 1) / kQuantGroup * kQuantGroup;
-  const bool q4 = dtype_of(q, name) == DType::q4;
-  const int64_t rows = q4 ? Kp / 8 : Kp / 4;
+  DType dtype = dtype_of(q, name);
+  if (dtype == DType::q4 && q.ndim() == 4 && q.shape(1) == 3 * Kp / 16) dtype = DType::q6;
+  const int64_t rows = dtype == DType::q4 ? Kp / 8 : dtype == DType::q6 ? 3 * Kp / 16 : Kp / 4;
   if (q.ndim() != 4 || q.shape(0) != nb || q.shape(1) != rows || q.shape(2) != kBlockCols || q.shape(3) != 4)
-    throw std::invalid_argument(std::string(q4 ? "int4" : "int8") + " tensor " + name + " must have shape (" +
-                                std::to_string(nb) + ", " + std::to_string(rows) + ", 64, 4)");
+    throw std::invalid_argument(std::string(dtype == DType::q8 ? "int8" : "int4") + " tensor " + name +
+                                " must have shape (" + std::to_string(nb) + ", " + std::to_string(rows) + ", 64, 4)" +
+                                (dtype == DType::q8 ? "" : " (int6: (" + std::to_string(nb) + ", " +
+                                                               std::to_string(3 * Kp / 16) + ", 64, 4))"));
   if (scales.dtype().kind() != 'f' || scales.itemsize() != 2 || scales.ndim() != 3 || scales.shape(0) != nb ||
       scales.shape(1) != Kp / kQuantGroup || scales.shape(2) != kBlockCols)
     throw std::invalid_argument("scales of " + name + " must be float16 of shape (" + std::to_string(nb) + ", " +
@@ -92,7 +96,7 @@ WeightView q8_view(const py::array& q, const py::array& scales, int64_t K, int64
     throw std::invalid_argument("tensor " + name + " must be C-contiguous");
   WeightView w;
   w.data = q.data();
-  w.dtype = q4 ? DType::q4 : DType::q8;
+  w.dtype = dtype;
   w.group_scales = static_cast<const uint16_t*>(scales.data());
   w.blocked = true;
   return w;
@@ -125,7 +129,8 @@ void add_q8_outliers(WeightView& w, const py::object& rows, const py::object& we
 
 // A weight matrix in its storage format. shape is the checkpoint's: [K,N] for a Conv1D weight, [vocab, n_embd]
 // for the embedding / LM head (rows_are_outputs), whose q8 and blocked forms are stored transposed. f32/f16/bf16
-// [K,N] may come blocked, as an array [ceil(N/64), K, 64] (see kernels.h); q8 brings a "<name>.scale" tensor.
+// [K,N] may come blocked, as an array [ceil(N/64), K, 64] (see kernels.h); q8 / q4 / q6 bring a "<name>.scale"
+// tensor.
 WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string& name, std::vector<int64_t> shape,
                          bool rows_are_outputs = false) {
   if (!tensors.contains(name)) throw std::invalid_argument("missing tensor " + name);
@@ -133,14 +138,14 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
   if (!(arr.flags() & py::array::c_style)) throw std::invalid_argument("tensor " + name + " must be C-contiguous");
   WeightView w;
   const DType dtype = dtype_of(arr, name);
-  if (dtype == DType::q4 && rows_are_outputs)
-    throw std::invalid_argument("tensor " + name + ": the token embedding / LM head may be int8, not int4");
   if (dtype == DType::q8 || dtype == DType::q4) {
     const std::string sname = name + ".scale";
     if (!tensors.contains(sname)) throw std::invalid_argument("missing tensor " + sname);
     py::array scales = py::reinterpret_borrow<py::array>(tensors[sname.c_str()]);
     const int64_t K = rows_are_outputs ? shape[1] : shape[0], N = rows_are_outputs ? shape[0] : shape[1];
     w = q8_view(arr, scales, K, N, name);
+    if (w.dtype == DType::q4 && rows_are_outputs)
+      throw std::invalid_argument("tensor " + name + ": the token embedding / LM head may be int8 or int6, not int4");
     m.keep_alive.push_back(scales);
     const std::string rname = name + ".outlier_rows", vname = name + ".outlier_weights";
     py::object rows = tensors.contains(rname) ? py::object(tensors[rname.c_str()]) : py::object(py::none());
@@ -163,7 +168,7 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
   }
   m.keep_alive.push_back(arr);
   w.data = arr.data();
-  w.dtype = dtype_of(arr, name);
+  if (!(dtype == DType::q8 || dtype == DType::q4)) w.dtype = dtype;  // q8_view set the quantized ones
   return w;
 }
 
@@ -481,7 +486,7 @@ PYBIND11_MODULE(_core, m) {
   // Kernel entry points for tests: each runs one kernel of the named instruction-set level.
   py::module_ k = m.def_submodule("kernels", "single kernels by instruction-set level, for tests");
   // matmul: weight float32, float16 or uint16 (bf16) as [K, N] or blocked [ceil(N/64), K, 64]; or int8 in the
-  // q8 layout with its fp16 scales.
+  // q8 / q4 / q6 layout with its fp16 scales.
   k.def("matmul", [](const std::string& isa, FloatArray inp, py::array weight, py::object bias, FloatArray out,
                      bool accumulate, py::object scales, py::object outlier_rows, py::object outlier_weights) {
     const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(out.shape(1));
@@ -489,7 +494,7 @@ PYBIND11_MODULE(_core, m) {
     if (out.shape(0) != M) throw std::invalid_argument("shape mismatch");
     WeightView wv;
     if (dtype_of(weight, "weight") == DType::q8 || dtype_of(weight, "weight") == DType::q4) {
-      if (scales.is_none()) throw std::invalid_argument("int8 / int4 weights need scales");
+      if (scales.is_none()) throw std::invalid_argument("int8 / int4 / int6 weights need scales");
       wv = q8_view(weight, scales.cast<py::array>(), K, N, "weight");
       add_q8_outliers(wv, outlier_rows, outlier_weights, K, N, "weight");
     } else {

@@ -5,7 +5,8 @@ import pytest
 
 import gptcpp
 from gptcpp import _core
-from gptcpp.quantize import GROUP, bf16_to_f32, dequantize_int8, from_blocked, quantize_int8, to_bf16, to_blocked
+from gptcpp.quantize import (GROUP, bf16_to_f32, dequantize_int8, from_blocked, quantize_int8, to_bf16, to_blocked,
+                             unpack_quads)
 from conftest import random_gpt2, rng_ids, save
 
 
@@ -33,13 +34,11 @@ def activations_as_computed(a, isa, dtype):
 
 
 def int8_reference(a, q, s, K, N, bias):
-    """The int8 / int4 kernel's arithmetic in numpy: activations quantized per row in groups of 32 (scale amax / 127,
-    values rounded to nearest even), each group's products summed exactly, and the float sum
+    """The int8 / int6 / int4 kernel's arithmetic in numpy: activations quantized per row in groups of 32 (scale
+    amax / 127, values rounded to nearest even), each group's products summed exactly, and the float sum
     acc = fma(float(isum), xs * ws, acc) over the groups in order (fma emulated in float64, exact for these
     operand sizes up to the final rounding), then + bias."""
-    if q.dtype == np.uint8:  # int4 nibble pairs -> int8 quads
-        nb, kp8 = q.shape[:2]
-        q = (np.stack([q & np.uint8(15), q >> np.uint8(4)], axis=2).astype(np.int8) - 8).reshape(nb, kp8 * 2, 64, 4)
+    q = unpack_quads(q, K)  # int4 nibble pairs, int6 nibbles and top bits -> int8 quads
     M, Kp = a.shape[0], q.shape[1] * 4
     x = np.zeros((M, Kp), np.float32)
     x[:, :K] = a
@@ -79,6 +78,15 @@ def test_int8_layout_roundtrip():
     back4 = dequantize_int8(t4, "w", 70, 130)
     step4 = np.repeat(t4["w.scale"].transpose(1, 0, 2).reshape(3, -1)[:, :130].astype(np.float32), GROUP, axis=0)[:70]
     assert np.all(np.abs(back4 - w) <= 0.5 * step4 * 1.01 + 1e-7)
+    # int6: values in [-31, 31], a nibble and two top bits each
+    t6 = quantize_int8("w", w, bits=6)
+    assert t6["w"].shape == (3, 18, 64, 4) and t6["w"].dtype == np.uint8
+    q6 = unpack_quads(t6["w"], 70)
+    assert q6.min() >= -31 and q6.max() == 31 and not q6[:, 70 // 4 + 1:].any()
+    back6 = dequantize_int8(t6, "w", 70, 130)
+    step6 = np.repeat(t6["w.scale"].transpose(1, 0, 2).reshape(3, -1)[:, :130].astype(np.float32), GROUP, axis=0)[:70]
+    assert np.all(np.abs(back6 - w) <= 0.5 * step6 * 1.01 + 1e-7)
+    assert np.all(step6 < step4 / 4)
     # outlier rows: zero in the int8 part, kept in fp16 apart
     t = quantize_int8("w", w, [3, 40])
     assert list(t["w.outlier_rows"]) == [3, 40] and t["w.outlier_weights"].shape == (2, 130)
@@ -87,7 +95,7 @@ def test_int8_layout_roundtrip():
     assert np.abs(back - w).max() < 0.05  # with the outlier row apart, its groups keep fine steps too
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 6, 4])
 def test_int8_quantized_in_column_chunks_as_whole(bits):
     """quantize_int8 works through 16 column blocks at a time (to bound its temporaries): a matrix of 23 blocks
     gives, block for block, what its two column slices give on their own, outlier rows and a ragged edge too."""
@@ -171,7 +179,7 @@ def test_blocked_batches_against_rows(isa, dtype, K):
         np.testing.assert_allclose(batch, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 6, 4])
 @pytest.mark.parametrize("M,K,N", MATMUL_SHAPES + [(16, 768, 200), (40, 64, 64), (2, 3072, 70)])
 def test_int8_matmul_against_numpy(isa, M, K, N, bits):
     rng = np.random.default_rng(M * K + N)
@@ -200,7 +208,7 @@ def test_int8_matmul_against_numpy(isa, M, K, N, bits):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 6, 4])
 def test_int8_matmul_same_bits_on_every_x86_level(bits):
     """The int8 kernels differ per level only in how they form exact integer sums (vpdpbusd with an offset,
     vpmaddubsw with moved signs): every x86 level must give the same bits, rows alone or batched."""
@@ -220,7 +228,7 @@ def test_int8_matmul_same_bits_on_every_x86_level(bits):
         assert np.array_equal(alone, outs[i]), i
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 6, 4])
 @pytest.mark.parametrize("M", [5, 16, 32, 40])
 def test_int8_matmul_in_k_slices_same_bits_as_rows_alone(isa, bits, M):
     """Many rows over a long k go through the weights in slices along k (AVX2 batches up to 32 rows: in
@@ -243,13 +251,15 @@ def test_int8_matmul_in_k_slices_same_bits_as_rows_alone(isa, bits, M):
     assert np.abs(batched[:3] - start[:3] - ref).max() < 0.05 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("bits", [4, 6])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_int4_matmul_at_the_extremes(isa, sign):
+def test_int4_matmul_at_the_extremes(isa, sign, bits):
     """Every int4 weight at +7 (stored 15) against activations at +-127: the largest sums a group makes, which
-    the levels without VNNI keep in int16 lanes for a whole group (at most 8 * 2 * 15 * 127 = 30,480)."""
+    the levels without VNNI keep in int16 lanes for a whole group (at most 8 * 2 * 15 * 127 = 30,480); int6 at
+    +31 (stored 63), whose int16 lanes hold a pair of quads (at most 2 * 2 * 63 * 127 = 32,004)."""
     M, K, N = 3, 96, 64
     a = np.full((M, K), sign, np.float32)
-    t = quantize_int8("w", np.ones((K, N), np.float32), bits=4)
+    t = quantize_int8("w", np.ones((K, N), np.float32), bits=bits)
     out = _core.kernels.matmul(isa, a, t["w"], None, np.zeros((M, N), np.float32), False, t["w.scale"])
     np.testing.assert_array_equal(out, int8_reference(a, t["w"], t["w.scale"], K, N, np.zeros(N, np.float32)))
     np.testing.assert_allclose(out, sign * K, rtol=1e-3)
@@ -274,14 +284,15 @@ def test_lm_head_formats_against_numpy(isa, dtype):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_int8_embedding_table_transposed(outlier_model):
-    """An int8 model's embedding / LM head is stored transposed ([n_embd, vocab], like a Conv1D weight), with
-    the residual stream's outlier channels apart: the LM head is an int8 matmul and a lookup gathers a token's
-    column. Its hidden states and logits match an fp32 model given the dequantized table up to int8's error
-    (a neighbour's column or a wrong group scale would be off by the whole spread)."""
+@pytest.mark.parametrize("bits", [8, 6])
+def test_int8_embedding_table_transposed(outlier_model, bits):
+    """An int8 (int4 format: int6) model's embedding / LM head is stored transposed ([n_embd, vocab], like a
+    Conv1D weight), with the residual stream's outlier channels apart: the LM head is an int8 matmul and a lookup
+    gathers a token's column. Its hidden states and logits match an fp32 model given the dequantized table up to
+    int8's error (a neighbour's column, a wrong group scale or a misplaced int6 bit would be off by far more)."""
     ref = gptcpp.GPT2.from_pretrained(outlier_model)
     wte = row_major_table(ref)
-    t = quantize_int8("wte.weight", wte.T, [0, 1])
+    t = quantize_int8("wte.weight", wte.T, [0, 1], bits)
     model = gptcpp.GPT2(ref.config, {**ref._tensors, **t}, None)
     table = np.ascontiguousarray(dequantize_int8(t, "wte.weight", 64, 400).T)
     twin = gptcpp.GPT2(ref.config, {**ref._tensors, "wte.weight": table}, None)
@@ -301,7 +312,7 @@ def test_int8_embedding_table_transposed(outlier_model):
     del broken["wte.weight.outlier_weights"]
     with pytest.raises(ValueError, match="not both"):
         gptcpp.GPT2(ref.config, broken, None)
-    with pytest.raises(ValueError, match="may be int8, not int4"):
+    with pytest.raises(ValueError, match="may be int8 or int6, not int4"):
         gptcpp.GPT2(ref.config, {**ref._tensors, **quantize_int8("wte.weight", wte.T, bits=4)})
 
 
@@ -471,8 +482,9 @@ def test_quantized_checkpoint_loads_without_conversion(outlier_model, tmp_path, 
 
 def test_checkpoint_of_an_older_format_version_is_refused(outlier_model, tmp_path):
     """int8 changed layout in format version 2 (groups of 32 instead of a scale per channel), the float formats'
-    embedding table in version 3 (blocked and transposed): a file of an older layout is refused with what to
-    do, never read as the new layout; an int8 file of version 2 is the same as version 3 and is read."""
+    embedding table in version 3 (blocked and transposed), int4's LM head in version 4 (6 bits, not 8): a file of
+    an older layout is refused with what to do, never read as the new layout; an int8 file of version 2 and an
+    fp16 file of version 3 are the same as version 4 and are read."""
     from safetensors.numpy import load_file, save_file
 
     from gptcpp.loading import CheckpointError
@@ -491,4 +503,14 @@ def test_checkpoint_of_an_older_format_version_is_refused(outlier_model, tmp_pat
     path = f"{dst}/model.safetensors"
     save_file(load_file(path), path, metadata={"format": "gptcpp", "gptcpp.dtype": "fp16", "gptcpp.format_version": "2"})
     with pytest.raises(CheckpointError, match="fp16 checkpoint of format version 2.*quantize the original"):
+        gptcpp.GPT2.from_pretrained(dst)
+    save_file(load_file(path), path, metadata={"format": "gptcpp", "gptcpp.dtype": "fp16", "gptcpp.format_version": "3"})
+    assert np.array_equal(gptcpp.GPT2.from_pretrained(dst).logits(ids),
+                          gptcpp.GPT2.from_pretrained(outlier_model, dtype="fp16").logits(ids))
+    # int4's LM head went from 8 to 6 bits in version 4: an int4 file of version 3 is refused
+    dst = save_quantized(outlier_model, str(tmp_path / "i4"), "int4")
+    path = f"{dst}/model.safetensors"
+    assert load_file(path)["wte.weight"].dtype == np.uint8
+    save_file(load_file(path), path, metadata={"format": "gptcpp", "gptcpp.dtype": "int4", "gptcpp.format_version": "3"})
+    with pytest.raises(CheckpointError, match="int4 checkpoint of format version 3.*quantize the original"):
         gptcpp.GPT2.from_pretrained(dst)

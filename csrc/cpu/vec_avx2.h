@@ -108,6 +108,24 @@ struct QDot {
   }
   static inline ireg group_sum(ireg acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
 #endif
+  // int6 weights (see vec_avx512.h): bits SHIFT.. SHIFT + 1 of each byte of h moved to bits 4-5, to be or-ed
+  // onto a nibble; a pair of quads summed straight into int32 lanes.
+  template <int SHIFT>
+  static inline ireg top_bits(ireg h) {
+    const ireg m = _mm256_set1_epi8(0x30);
+    if constexpr (SHIFT < 4) return _mm256_and_si256(_mm256_slli_epi16(h, 4 - SHIFT), m);
+    else if constexpr (SHIFT > 4) return _mm256_and_si256(_mm256_srli_epi16(h, SHIFT - 4), m);
+    else return _mm256_and_si256(h, m);
+  }
+  static inline ireg or_(ireg a, ireg b) { return _mm256_or_si256(a, b); }
+#ifdef __AVXVNNI__
+  static inline ireg wide_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) { return nibble_pair(acc, x0, lo, x1, hi); }
+#else
+  static inline ireg wide_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) {
+    const ireg pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+#endif
 };
 
 // No bf16 dot product at this level: bf16 weights are widened to float32 (see vec_avx512.h).

@@ -116,6 +116,28 @@ struct QDot {
   }
   static inline ireg group_sum(ireg acc) { return _mm512_madd_epi16(acc, _mm512_set1_epi16(1)); }
 #endif
+  // int6 weights (the value + 32, 0..63) come as a nibble (as int4's) and two more bits from a plane that holds
+  // them for four quads a byte: top_bits<SHIFT> moves bits SHIFT, SHIFT + 1 of each byte of h to bits 4-5, to be
+  // or-ed onto the nibble. The shifts are 16-bit ones: what crosses from one byte into the next lands outside
+  // bits 4-5 and is masked off.
+  template <int SHIFT>
+  static inline ireg top_bits(ireg h) {
+    const ireg m = _mm512_set1_epi8(0x30);
+    if constexpr (SHIFT < 4) return _mm512_and_si512(_mm512_slli_epi16(h, 4 - SHIFT), m);
+    else if constexpr (SHIFT > 4) return _mm512_and_si512(_mm512_srli_epi16(h, SHIFT - 4), m);
+    else return _mm512_and_si512(h, m);
+  }
+  static inline ireg or_(ireg a, ireg b) { return _mm512_or_si512(a, b); }
+  // One pair of int6 quads into int32 sums. Without VNNI a vpmaddubsw lane is at most 2 * 63 * 127 = 16,002, so
+  // the pair's two fit int16 (32,004) but not a group's eight: widened once a pair.
+#ifdef __AVX512VNNI__
+  static inline ireg wide_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) { return nibble_pair(acc, x0, lo, x1, hi); }
+#else
+  static inline ireg wide_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) {
+    const ireg pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, x0), _mm512_maddubs_epi16(hi, x1));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+  }
+#endif
 };
 
 // bf16 dot products (the avx512-bf16 level): a pair register holds 16 lanes of two bf16 each, k and k + 1 of one

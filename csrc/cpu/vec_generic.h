@@ -88,6 +88,17 @@ struct QDot {
     return dot_unsigned(dot_unsigned(acc, x0, lo), x1, hi);
   }
   static inline ireg group_sum(ireg acc) { return acc; }
+  // int6 weights (see vec_avx512.h): per byte, bits SHIFT, SHIFT + 1 of h at bits 4-5.
+  template <int SHIFT>
+  static inline ireg top_bits(ireg h) {
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t u = static_cast<uint32_t>(h.v[i]);
+      h.v[i] = static_cast<int32_t>((SHIFT < 4 ? u << (4 - SHIFT) : u >> (SHIFT - 4)) & 0x30303030u);
+    }
+    return h;
+  }
+  static inline ireg or_(ireg a, ireg b) { for (int i = 0; i < 8; ++i) a.v[i] |= b.v[i]; return a; }
+  static inline ireg wide_pair(ireg acc, ireg x0, ireg lo, ireg x1, ireg hi) { return nibble_pair(acc, x0, lo, x1, hi); }
   static inline ireg dot(ireg acc, ireg x, ireg w) {
     for (int i = 0; i < 8; ++i)
       for (int b = 0; b < 4; ++b)

@@ -15,13 +15,14 @@ enum class Activation { gelu_tanh, gelu_erf, quick_gelu, relu, silu, tanh, sigmo
 // float32. q8 is int8 symmetric in groups of kQuantGroup along k with an fp16 scale per group and column,
 // multiplied against activations quantized the same way (qmatmul.inl); it exists only as a [K,N] matrix in
 // qmatmul.inl's layout (the LM head too, as the transposed embedding [n_embd, vocab]).
-// q4 is the same with 4-bit values (q in [-7, 7], stored + 8 as nibbles), the activations still int8.
-enum class DType { f32 = 0, f16 = 1, bf16 = 2, q8 = 3, q4 = 4 };
+// q4 is the same with 4-bit values (q in [-7, 7], stored + 8 as nibbles), the activations still int8; q6 with
+// 6-bit values (q in [-31, 31], stored + 32 as a nibble and two more bits), the int4 format's LM head.
+enum class DType { f32 = 0, f16 = 1, bf16 = 2, q8 = 3, q4 = 4, q6 = 5 };
 struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::f32;
-  const uint16_t* group_scales = nullptr;  // q8 / q4 only: fp16 [ceil(N/64)][ceil(K/32)][64]
-  // q8 / q4 only, optional: input channels (rows k, increasing) kept out of the int8 product, because the
+  const uint16_t* group_scales = nullptr;  // q8 / q4 / q6 only: fp16 [ceil(N/64)][ceil(K/32)][64]
+  // q8 / q4 / q6 only, optional: input channels (rows k, increasing) kept out of the int8 product, because the
   // activations and weights there are far larger than in the other channels (GPT-2's residual stream has a
   // few such channels) and would cost their groups' other members most of their precision. Their rows are
   // zero in the int8 weight and stored here instead, fp16 [n_outlier_rows][N], multiplied in float32.

@@ -754,6 +754,7 @@ void matmul_forward(float* out, const float* inp, WeightView w, const float* bia
       return matmul_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), w.blocked, bias, M, K, N, ldi, ldo, ldw, accumulate);
     case DType::q8:
     case DType::q4:
+    case DType::q6:
       return q8_matmul_forward(out, inp, w, bias, M, K, N, ldi, ldo, accumulate);
   }
 }
@@ -829,6 +830,7 @@ void matmul_nt_forward(float* out, const float* inp, WeightView w, int M, int K,
     case DType::f16: return matmul_nt_impl<F16W>(out, inp, static_cast<const uint16_t*>(w.data), M, K, N, ldo);
     case DType::bf16: return matmul_nt_impl<BF16W>(out, inp, static_cast<const uint16_t*>(w.data), M, K, N, ldo);
     case DType::q8:
-    case DType::q4: break;  // stored transposed, [n_embd, vocab]: the model calls matmul_forward
+    case DType::q4:
+    case DType::q6: break;  // stored transposed, [n_embd, vocab]: the model calls matmul_forward
   }
 }

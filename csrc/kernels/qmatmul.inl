@@ -21,6 +21,10 @@
 // quads (8 consecutive k), byte (n, k%4) is quad 2p's value + 8 in its low nibble and quad 2p+1's in its high
 // one, so one register load unpacks (an and, a shift) into two quads' worth of unsigned weights:
 //     q4     uint8 [ceil(N/64)][Kp/8][64][4]
+// int6 (q6, the int4 format's LM head) keeps int4's nibble rows for the low 4 bits of each value + 32, and after
+// every two of them (16 consecutive k, quads 4t .. 4t+3) a row whose byte (n, k%4) holds the top 2 bits of quad
+// 4t+i's value at bits 2i, 2i+1; a block streams front to back as before:
+//     q6     uint8 [ceil(N/64)][Kp/16][3][64][4]   (rows: the nibble pairs of quads 4t,4t+1 and 4t+2,4t+3, the top bits)
 namespace qmatmul_detail {
 
 using R = Vec::reg;
@@ -30,6 +34,13 @@ constexpr int GROUP = kQuantGroup;
 constexpr int QUADS = GROUP / 4;
 constexpr int BLOCK = kBlockCols;
 constexpr int QUAD_BYTES = BLOCK * 4;  // one [64][4] row of a block
+// How far ahead a one-row tile prefetches its weights (q8_tile): 2-8 KB measured alike, none 10-30% slower.
+constexpr int DECODE_AHEAD = 4096;
+// Rows of QUAD_BYTES per group, and bytes per column block, for weights of BITS (8, 4 or 6) bits.
+template <int BITS>
+constexpr int ROWS_PER_GROUP = QUADS * BITS / 8;
+template <int BITS>
+inline int64_t block_bytes(int Kp) { return static_cast<int64_t>(Kp) * BLOCK * BITS / 8; }
 
 // Rows m0..m1-1 of inp quantized into xq [M][Kp] (zero past K) and xs [M][Kp/32]. amax / 127 is the scale and
 // x * (127 / amax) rounded to nearest even the value, exactly as the numpy reference computes it. A NaN or inf
@@ -104,32 +115,77 @@ struct QRows {
 };
 
 // ROWS rows of out against CV registers of columns of one block (columns c .. c + CV*L - 1 of the block,
-// n0 the first's index in out); float sums in registers across the groups, int32 sums per group. Q4: the
-// weights are int4 (see the layout above).
+// n0 the first's index in out); float sums in registers across the groups, int32 sums per group. BITS: the
+// weights are int8, int4 or int6 (see the layouts above).
 // Groups g0..g1-1 only: a tile that starts past group 0 takes its float sums from `partial` ([ROWS][CV*L]),
 // one that ends before the last group leaves them there instead of finishing the output; the sums see the
 // same operations in the same order either way.
-template <int ROWS, int CV, bool Q4, bool SLICED = !Q4>
+template <int ROWS, int CV, int BITS, bool SLICED = BITS == 8>
 inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const uint16_t* sblock, int c,
                     const float* bias, int n0, int ncols, bool accumulate, int slice_g0, int slice_g1, float* partial,
                     const char* prefetch = nullptr, int prefetch_step = 0) {
   constexpr int UNIT = CV * L;
   const int Kp = x.Kp, groups = Kp / GROUP;
-  // int4 is never sliced by q8_range: its tiles keep the whole-k loop the compiler sees as such.
+  // int4 / int6 are never sliced by q8_range: their tiles keep the whole-k loop the compiler sees as such.
   const int g0 = SLICED ? slice_g0 : 0, g1 = SLICED ? slice_g1 : groups;
   R acc[ROWS][CV];
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = g0 == 0 ? Vec::zero() : Vec::load(partial + i * UNIT + j * L);
-  // What the weights' offset adds per unit of the activations' sum: int4 + 8, int8 + 128 with VNNI.
-  constexpr int32_t offset = Q4 ? 8 : QDot::offset ? 128 : 0;
-  const int8_t* wq = wblock + c * 4 + static_cast<int64_t>(g0) * (Q4 ? QUADS / 2 : QUADS) * QUAD_BYTES;
+  // What the weights' offset adds per unit of the activations' sum: int4 + 8, int6 + 32, int8 + 128 with VNNI.
+  constexpr int32_t offset = BITS == 4 ? 8 : BITS == 6 ? 32 : QDot::offset ? 128 : 0;
+  const int8_t* wq = wblock + c * 4 + static_cast<int64_t>(g0) * ROWS_PER_GROUP<BITS> * QUAD_BYTES;
+  // Decoding (one row) streams each weight byte once; the hardware prefetcher alone left these loops waiting on
+  // memory at the start of each row of a block, most of all int6's (three rows per 16 k, 1.6 times int8's
+  // instructions a weight: 70% of its samples on the first loads of each 16 k), so each row prefetches the one
+  // DECODE_AHEAD bytes on. Where measured: AVX2 (Zen 3, 2 threads; int6 on every level, since it is new). int6
+  // LM head alone 50257 x 768: 2.9-3.3 -> 1.2-2.0 ms; gpt2 decode int4 (int6 head, in one build) 126-148 ->
+  // 163-189 tok/s; int8 even within the host's noise (113-139 before, 118-145 with it).
+  constexpr bool decode_prefetch = ROWS == 1 && (L == 8 || BITS == 6);
+  auto prefetch_ahead = [](const int8_t* p, int bytes) {
+    for (int l = 0; l < bytes; l += 64) __builtin_prefetch(p + DECODE_AHEAD + l, 0, 3);
+  };
   for (int g = g0; g < g1; ++g) {
     I sum[ROWS][CV];
     for (int i = 0; i < ROWS; ++i)
       for (int j = 0; j < CV; ++j) sum[i][j] = QDot::zero();
     const int8_t* xg = x.xq + g * GROUP;
-    if constexpr (Q4) {
+    if constexpr (BITS == 6) {
+      // A pair of quads: the nibbles of one row, the top bits (at SHIFT and SHIFT + 2) of the quartet's row.
+      auto pair = [&](auto shift, const int8_t* nib, const int8_t* top, const int8_t* xp) {
+        constexpr int SHIFT = decltype(shift)::value;
+        if constexpr (ROWS == 1) {  // each pair of weight registers used as soon as unpacked (see int8's)
+          const I x0 = QDot::bcast(four_bytes(xp)), x1 = QDot::bcast(four_bytes(xp + 4));
+          for (int j = 0; j < CV; ++j) {
+            const I raw = QDot::load(nib + j * L * 4), h = QDot::load(top + j * L * 4);
+            sum[0][j] = QDot::wide_pair(sum[0][j], x0, QDot::or_(QDot::low_nibbles(raw), QDot::template top_bits<SHIFT>(h)),
+                                        x1, QDot::or_(QDot::high_nibbles(raw), QDot::template top_bits<SHIFT + 2>(h)));
+          }
+          return;
+        }
+        I lo[CV], hi[CV];
+        for (int j = 0; j < CV; ++j) {
+          const I raw = QDot::load(nib + j * L * 4), h = QDot::load(top + j * L * 4);
+          lo[j] = QDot::or_(QDot::low_nibbles(raw), QDot::template top_bits<SHIFT>(h));
+          hi[j] = QDot::or_(QDot::high_nibbles(raw), QDot::template top_bits<SHIFT + 2>(h));
+        }
+        for (int i = 0; i < ROWS; ++i) {
+          const I x0 = QDot::bcast(four_bytes(xp + static_cast<int64_t>(i) * Kp));
+          const I x1 = QDot::bcast(four_bytes(xp + static_cast<int64_t>(i) * Kp + 4));
+          for (int j = 0; j < CV; ++j) sum[i][j] = QDot::wide_pair(sum[i][j], x0, lo[j], x1, hi[j]);
+        }
+      };
+      for (int t = 0; t < QUADS / 4; ++t, wq += 3 * QUAD_BYTES, xg += 16) {
+        if constexpr (decode_prefetch) prefetch_ahead(wq, 3 * QUAD_BYTES);
+        if (prefetch) {
+          for (int r = 0; r < 3; ++r) __builtin_prefetch(prefetch + r * prefetch_step, 0, 3);
+          prefetch += 3 * prefetch_step;
+        }
+        pair(std::integral_constant<int, 0>{}, wq, wq + 2 * QUAD_BYTES, xg);
+        pair(std::integral_constant<int, 4>{}, wq + QUAD_BYTES, wq + 2 * QUAD_BYTES, xg + 8);
+      }
+    } else if constexpr (BITS == 4) {
       for (int q = 0; q < QUADS; q += 2, wq += QUAD_BYTES, xg += 8) {
+        if constexpr (decode_prefetch) prefetch_ahead(wq, QUAD_BYTES);
         if (prefetch) {
           __builtin_prefetch(prefetch, 0, 3);
           prefetch += prefetch_step;
@@ -150,6 +206,7 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
         for (int j = 0; j < CV; ++j) sum[i][j] = QDot::group_sum(sum[i][j]);
     } else {
       for (int q = 0; q < QUADS; ++q, wq += QUAD_BYTES, xg += 4) {
+        if constexpr (decode_prefetch) prefetch_ahead(wq, QUAD_BYTES);
         if (prefetch) {
           __builtin_prefetch(prefetch, 0, 3);
           prefetch += prefetch_step;
@@ -199,15 +256,15 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
 }
 
 // The last rows - m (fewer than ROWS) of a unit, one tile.
-template <int ROWS, int CV, bool Q4, bool SLICED = !Q4>
+template <int ROWS, int CV, int BITS, bool SLICED = BITS == 8>
 inline void q8_tail(int rows, float* out, int ldo, QRows x, const int8_t* wb, const uint16_t* sb, int c,
                     const float* bias, int n0, int ncols, bool accumulate, int g0, int g1, float* partial,
                     const char* prefetch = nullptr, int prefetch_step = 0) {
   if constexpr (ROWS > 1) {
     if (rows == ROWS - 1)
-      return q8_tile<ROWS - 1, CV, Q4, SLICED>(out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate, g0, g1, partial,
+      return q8_tile<ROWS - 1, CV, BITS, SLICED>(out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate, g0, g1, partial,
                                                prefetch, prefetch_step);
-    return q8_tail<ROWS - 1, CV, Q4, SLICED>(rows, out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate, g0, g1,
+    return q8_tail<ROWS - 1, CV, BITS, SLICED>(rows, out, ldo, x, wb, sb, c, bias, n0, ncols, accumulate, g0, g1,
                                              partial, prefetch, prefetch_step);
   }
 }
@@ -220,11 +277,11 @@ inline void q8_tail(int rows, float* out, int ldo, QRows x, const int8_t* wb, co
 // `partial` [units of a block][M][UNIT] between chunks: the same operations in the same order as q8_range.
 constexpr int CHUNK_GROUPS = 8;
 
-template <int ROWS, int CV, bool Q4>
+template <int ROWS, int CV, int BITS>
 inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bias, int m0, int m1, int N, int ldo,
                        int u0, int u1, bool accumulate) {
   constexpr int UNIT = CV * L, UPB = BLOCK / UNIT;
-  constexpr int ROWS_PER_GROUP = Q4 ? QUADS / 2 : QUADS;  // rows of QUAD_BYTES per group
+  constexpr int ROWS_PER_GROUP = qmatmul_detail::ROWS_PER_GROUP<BITS>;
   const int8_t* q = static_cast<const int8_t*>(w.data);
   const uint16_t* s = w.group_scales;
   const int Kp = x.Kp, groups = Kp / GROUP, M = m1 - m0;
@@ -232,7 +289,7 @@ inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bi
   const int row_tiles = (M + ROWS - 1) / ROWS;
   for (int b = u0 / UPB; b * UPB < u1 && b * BLOCK < N; ++b) {
     const int ua = u0 > b * UPB ? u0 : b * UPB, ub = u1 < (b + 1) * UPB ? u1 : (b + 1) * UPB;
-    const int8_t* wb = q + static_cast<int64_t>(b) * (Q4 ? Kp / 2 : Kp) * BLOCK;
+    const int8_t* wb = q + b * block_bytes<BITS>(Kp);
     const uint16_t* sb = s + static_cast<int64_t>(b) * (Kp / GROUP) * BLOCK;
     const int runs = (ub - ua) * row_tiles;  // tile runs per chunk
     for (int g0 = 0; g0 < groups; g0 += CHUNK_GROUPS) {
@@ -248,11 +305,11 @@ inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bi
         float* pu = partial + static_cast<int64_t>(u % UPB) * M * UNIT;
         int m = m0;
         for (; m + ROWS <= m1; m += ROWS, ++t)
-          q8_tile<ROWS, CV, Q4, true>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
+          q8_tile<ROWS, CV, BITS, true>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
                                       accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT, pf.share(t),
                                       pf.step);
         if (m < m1)
-          q8_tail<ROWS, CV, Q4, true>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0,
+          q8_tail<ROWS, CV, BITS, true>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0,
                                       ncols, accumulate, g0, g1, pu + static_cast<int64_t>(m - m0) * UNIT,
                                       pf.share(t++), pf.step);
       }
@@ -270,31 +327,31 @@ inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bi
 // slower in slices and goes whole.
 constexpr int SLICE_BYTES = 32768;
 
-template <int ROWS, int CV, bool Q4>
+template <int ROWS, int CV, int BITS>
 inline void q8_range(float* out, QRows x, const WeightView& w, const float* bias, int m0, int m1, int N, int ldo,
                      int u0, int u1, bool accumulate) {
   constexpr int UNIT = CV * L, UNITS_PER_BLOCK = BLOCK / UNIT;
   const int8_t* q = static_cast<const int8_t*>(w.data);
   const uint16_t* s = w.group_scales;
   const int Kp = x.Kp, groups = Kp / GROUP;
-  constexpr int SLICE_GROUPS = SLICE_BYTES / (GROUP * UNIT / (Q4 ? 2 : 1));
-  const int n_slices = !Q4 && m1 - m0 > 4 * ROWS ? (groups + SLICE_GROUPS - 1) / SLICE_GROUPS : 1;
+  constexpr int SLICE_GROUPS = SLICE_BYTES / (GROUP * UNIT * BITS / 8);
+  const int n_slices = BITS == 8 && m1 - m0 > 4 * ROWS ? (groups + SLICE_GROUPS - 1) / SLICE_GROUPS : 1;
   const int slice = (groups + n_slices - 1) / n_slices;  // slices of equal size
   float* partial = n_slices > 1 ? scratch_floats(static_cast<int64_t>(m1 - m0) * UNIT, 0) : nullptr;
   for (int u = u0; u < u1; ++u) {
     const int b = u / UNITS_PER_BLOCK, c = (u % UNITS_PER_BLOCK) * UNIT, n0 = b * BLOCK + c;
     if (n0 >= N) break;
     const int ncols = N - n0 < UNIT ? N - n0 : UNIT;
-    const int8_t* wb = q + static_cast<int64_t>(b) * (Q4 ? Kp / 2 : Kp) * BLOCK;
+    const int8_t* wb = q + b * block_bytes<BITS>(Kp);
     const uint16_t* sb = s + static_cast<int64_t>(b) * (Kp / GROUP) * BLOCK;
     for (int g0 = 0; g0 < groups; g0 += slice) {
       const int g1 = g0 + slice < groups ? g0 + slice : groups;
       int m = m0;
       for (; m + ROWS <= m1; m += ROWS)
-        q8_tile<ROWS, CV, Q4>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
+        q8_tile<ROWS, CV, BITS>(out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0, ncols,
                               accumulate, g0, g1, partial ? partial + static_cast<int64_t>(m - m0) * UNIT : nullptr);
       if (m < m1)
-        q8_tail<ROWS, CV, Q4>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0,
+        q8_tail<ROWS, CV, BITS>(m1 - m, out + static_cast<int64_t>(m) * ldo, ldo, x.from(m), wb, sb, c, bias, n0,
                               ncols, accumulate, g0, g1,
                               partial ? partial + static_cast<int64_t>(m - m0) * UNIT : nullptr);
     }
@@ -313,7 +370,7 @@ constexpr int Q_CV = BLOCK / L;
 constexpr int Q_ROWS_GEMM = L == 16 ? 6 : QDot::offset ? 3 : 2;
 constexpr int Q_CV_GEMM = 2;
 
-template <int ROWS, int CV, bool Q4, bool CHUNKED = false>
+template <int ROWS, int CV, int BITS, bool CHUNKED = false>
 void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, const WeightView& w, const float* bias,
                  int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
   constexpr int UNIT = CV * L;
@@ -336,12 +393,56 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
       const int m0 = static_cast<int>(static_cast<int64_t>(M) * g / mgroups);
       const int m1 = static_cast<int>(static_cast<int64_t>(M) * (g + 1) / mgroups);
       if constexpr (CHUNKED)
-        q8_chunked<ROWS, CV, Q4>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
+        q8_chunked<ROWS, CV, BITS>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
       else
-        q8_range<ROWS, CV, Q4>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
+        q8_range<ROWS, CV, BITS>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
       task += u_end - u;
     }
   });
+}
+
+// The tile shapes for M rows of BITS-bit weights (see q8_matmul_forward for the buffers).
+template <int BITS>
+void q8_dispatch(float* out, QRows x, const uint8_t* skip, const float* inp, const WeightView& w, const float* bias,
+                 int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
+  if (M <= 2) {
+    return q8_parallel<1, Q_CV, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+  }
+  if constexpr (L == 16) {
+    // AVX-512 tile shapes by measurement (12 layers of gpt2 weights, cold in cache, Zen 5): int8 streams whole
+    // 64-column blocks, whose 256-byte rows the memory system fetches best: 2 x 4 for a few rows, 3 x 4 above
+    // (M = 16: 4.6-5.2 ms against 7.4-9.7 for 6 x 2; M = 512 the same). int4 reads half the bytes and keeps
+    // 6 x 2 except for a few rows; int6 takes int4's shapes (its weights unpack the same way, into two registers).
+    if constexpr (BITS != 8) {
+      if (M <= 8) return q8_parallel<3, 4, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+      return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
+                                                        parallel);
+    } else {
+      if (M <= 8) return q8_parallel<2, 4, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+      return q8_parallel<3, 4, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    }
+  } else {
+    // AVX2, measured the same way in AVX2 mode on Zen 5: whole-block 3 x 4 tiles (some sums spill) beat 2 x 2
+    // with vpmaddubsw at 16 rows (265 vs 213 GOP/s) and 512 (321 vs 255); with AVX-VNNI at 16 rows (478 vs 396)
+    // but not at 512 (571 vs 620).
+    // Up to 32 rows, in prefetched chunks (q8_chunked). Zen 3 (AVX2, vpmaddubsw), 2 threads, 768 x 3072 cold,
+    // interleaved best of 5: int8 9 rows 493 -> 356 us, 16 rows 719 -> 593, 32 rows 1,328 -> 1,165; int4 299
+    // -> 238, 475 -> 392, 885 -> 721; 64 rows within 3% either way (so not there); 16 x 3072 x 768 int8 691 ->
+    // 601, int4 534 -> 428. Chunks of 4 or 12 groups, or prefetching one or three chunks ahead, no better.
+    // gpt2 batch-16 decode int8 283-327 -> 335-398 tok/s, int4 352-354 -> 439-441.
+    if (M <= 32) {
+      if constexpr (BITS != 8)
+        return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, BITS, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo,
+                                                              accumulate, parallel);
+      else
+        return q8_parallel<3, 4, BITS, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    }
+    if constexpr (BITS == 8 && !QDot::offset)
+      return q8_parallel<3, 4, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    else
+      return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
+                                                        parallel);
+  }
 }
 
 }  // namespace qmatmul_detail
@@ -365,44 +466,9 @@ void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* 
     for (int j = 0; j < w.n_outlier_rows; ++j) skip[w.outlier_rows[j]] = 1;
   }
   const bool parallel = static_cast<int64_t>(M) * K * N > 32768;
-  const bool q4 = w.dtype == DType::q4;
-  if (M <= 2) {
-    if (q4) return q8_parallel<1, Q_CV, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
-    return q8_parallel<1, Q_CV, false>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
-  }
-  if constexpr (L == 16) {
-    // AVX-512 tile shapes by measurement (12 layers of gpt2 weights, cold in cache, Zen 5): int8 streams whole
-    // 64-column blocks, whose 256-byte rows the memory system fetches best: 2 x 4 for a few rows, 3 x 4 above
-    // (M = 16: 4.6-5.2 ms against 7.4-9.7 for 6 x 2; M = 512 the same). int4 reads half the bytes and keeps
-    // 6 x 2 except for a few rows.
-    if (q4) {
-      if (M <= 8) return q8_parallel<3, 4, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
-      return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
-                                                        parallel);
-    }
-    if (M <= 8) return q8_parallel<2, 4, false>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
-    return q8_parallel<3, 4, false>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
-  } else {
-    // AVX2, measured the same way in AVX2 mode on Zen 5: whole-block 3 x 4 tiles (some sums spill) beat 2 x 2
-    // with vpmaddubsw at 16 rows (265 vs 213 GOP/s) and 512 (321 vs 255); with AVX-VNNI at 16 rows (478 vs 396)
-    // but not at 512 (571 vs 620).
-    // Up to 32 rows, in prefetched chunks (q8_chunked). Zen 3 (AVX2, vpmaddubsw), 2 threads, 768 x 3072 cold,
-    // interleaved best of 5: int8 9 rows 493 -> 356 us, 16 rows 719 -> 593, 32 rows 1,328 -> 1,165; int4 299
-    // -> 238, 475 -> 392, 885 -> 721; 64 rows within 3% either way (so not there); 16 x 3072 x 768 int8 691 ->
-    // 601, int4 534 -> 428. Chunks of 4 or 12 groups, or prefetching one or three chunks ahead, no better.
-    // gpt2 batch-16 decode int8 283-327 -> 335-398 tok/s, int4 352-354 -> 439-441.
-    if (M <= 32) {
-      if (q4)
-        return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, true, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo,
-                                                              accumulate, parallel);
-      return q8_parallel<3, 4, false, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
-    }
-    if (!q4 && !QDot::offset)
-      return q8_parallel<3, 4, false>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
-    if (q4)
-      return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
-                                                        parallel);
-    return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, false>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
-                                                       parallel);
+  switch (w.dtype) {
+    case DType::q4: return q8_dispatch<4>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    case DType::q6: return q8_dispatch<6>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    default: return q8_dispatch<8>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
   }
 }
