@@ -217,11 +217,19 @@ inline void blocked_tile(float* out, const float* inp, const typename WR::T* blo
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = Vec::zero();
   const typename WR::T* wp = block;
+  // AVX2 decoding of 16-bit weights (one row, a whole block per pass) prefetches 4 KB ahead, as qmatmul.inl's
+  // one-row tiles do: widening costs instructions a byte, and the hardware prefetcher alone fell behind. Zen 3,
+  // 2 threads, gpt2 decode, builds alternating over 6 rounds: bf16 69-77 -> 67-84 tok/s (ahead in 5 of 6),
+  // fp16 68-83 -> 72-83 (ahead in 3); fp32 (one FMA a load) measured even alone and is left as it was.
+  constexpr bool decode_prefetch = ROWS == 1 && CV * W == BLOCK_COLS && W == 8 && !std::is_same_v<WR, F32W>;
   // Unrolled by 4: a one-row tile's loop is a handful of instructions per 256 bytes, and its bookkeeping kept
   // fp32 decoding below what memory gives while the host's bandwidth was low (gpt2, Zen 5, 2 threads, ~50 GB/s:
   // AVX-512 87-90 -> 98-103 tok/s; at ~83 GB/s unchanged); AVX2 fp32 batch-16 401 -> 481-508; prefill unchanged.
 #pragma GCC unroll 4
   for (int k = 0; k < K; ++k, wp += BLOCK_COLS) {
+    if constexpr (decode_prefetch)
+      for (int l = 0; l < BLOCK_COLS * static_cast<int>(sizeof(typename WR::T)); l += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(wp) + 4096 + l, 0, 3);
     R b[CV];
     for (int j = 0; j < CV; ++j) b[j] = WR::load(wp + j * W);  // the last block is zero-padded
     for (int i = 0; i < ROWS; ++i) {
