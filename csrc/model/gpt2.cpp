@@ -20,8 +20,8 @@ namespace {
 // One row of the token embedding table, widened to float32. The table is usually stored transposed for the
 // LM head, [n_embd, vocab] in the matrix kernels' blocked layout (f32/f16/bf16: [vocab/64][n_embd][64]; q8:
 // qmatmul.inl's), so a token's row is its column there, one element every 64 (q8: byte k%4 of column
-// token%64 in quad k/4 of block token/64, times the fp16 scale of its group; q6: its nibble and top bits). A row-major [vocab, n_embd]
-// table (passed as it is in a checkpoint) is read directly.
+// token%64 in quad k/4 of block token/64, times the fp16 scale of its group; q6: its nibble and top bits the
+// same way). A row-major [vocab, n_embd] table (passed as it is in a checkpoint) is read directly.
 template <class T, class Widen>
 void table_row(float* out, const T* data, bool blocked, int32_t token, int C, Widen widen) {
   if (!blocked) {
@@ -56,7 +56,8 @@ void embedding_row(float* out, const WeightView& wte, int32_t token, int C, int 
     }
     case DType::q6: {  // per 16 k: the nibble rows of quads 0-1 and 2-3, then the top bits of all four
       const int Kp = (C + kQuantGroup - 1) / kQuantGroup * kQuantGroup, col = token % kBlockCols;
-      const uint8_t* q = static_cast<const uint8_t*>(wte.data) + static_cast<int64_t>(token / kBlockCols) * Kp * 48;
+      const uint8_t* q = static_cast<const uint8_t*>(wte.data) +
+                         static_cast<int64_t>(token / kBlockCols) * Kp * kBlockCols * 6 / 8;  // 6 bits a weight
       const uint16_t* s = wte.group_scales + static_cast<int64_t>(token / kBlockCols) * (Kp / kQuantGroup) * kBlockCols;
       for (int j = 0; j < C; ++j) {
         const int quad = j % 16 / 4;
