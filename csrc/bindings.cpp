@@ -138,6 +138,7 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
   if (!(arr.flags() & py::array::c_style)) throw std::invalid_argument("tensor " + name + " must be C-contiguous");
   WeightView w;
   const DType dtype = dtype_of(arr, name);
+  w.dtype = dtype;  // q8_view below tells q6 from q4
   if (dtype == DType::q8 || dtype == DType::q4) {
     const std::string sname = name + ".scale";
     if (!tensors.contains(sname)) throw std::invalid_argument("missing tensor " + sname);
@@ -168,7 +169,6 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
   }
   m.keep_alive.push_back(arr);
   w.data = arr.data();
-  if (!(dtype == DType::q8 || dtype == DType::q4)) w.dtype = dtype;  // q8_view set the quantized ones
   return w;
 }
 

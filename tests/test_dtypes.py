@@ -62,12 +62,15 @@ def test_int8_layout_roundtrip():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((70, 130)).astype(np.float32)
     w[3] *= 40  # an outlier input channel costs only its own groups their precision
+    def steps(t):  # each weight's quantization step: its group's scale
+        return np.repeat(t["w.scale"].transpose(1, 0, 2).reshape(3, -1)[:, :130].astype(np.float32), GROUP, axis=0)[:70]
+
     t = quantize_int8("w", w)
     q, s = t["w"], t["w.scale"]
     assert q.shape == (3, 24, 64, 4) and s.shape == (3, 3, 64) and s.dtype == np.float16
     assert not q[2, :, 2:].any() and not q[:, 70 // 4 + 1:].any()  # zero padding: columns past N, k past K
     back = dequantize_int8(t, "w", 70, 130)
-    step = np.repeat(s.transpose(1, 0, 2).reshape(3, -1)[:, :130].astype(np.float32), GROUP, axis=0)[:70]
+    step = steps(t)
     assert np.all(np.abs(back - w) <= 0.5 * step * 1.01 + 1e-7)
     assert np.abs(back - w)[32:].max() < 0.05  # groups away from the outlier row keep fine steps
     with pytest.raises(ValueError, match="beyond int8"):
@@ -76,7 +79,7 @@ def test_int8_layout_roundtrip():
     t4 = quantize_int8("w", w, bits=4)
     assert t4["w"].shape == (3, 12, 64, 4) and t4["w"].dtype == np.uint8
     back4 = dequantize_int8(t4, "w", 70, 130)
-    step4 = np.repeat(t4["w.scale"].transpose(1, 0, 2).reshape(3, -1)[:, :130].astype(np.float32), GROUP, axis=0)[:70]
+    step4 = steps(t4)
     assert np.all(np.abs(back4 - w) <= 0.5 * step4 * 1.01 + 1e-7)
     # int6: values in [-31, 31], a nibble and two top bits each
     t6 = quantize_int8("w", w, bits=6)
@@ -84,7 +87,7 @@ def test_int8_layout_roundtrip():
     q6 = unpack_quads(t6["w"], 70)
     assert q6.min() >= -31 and q6.max() == 31 and not q6[:, 70 // 4 + 1:].any()
     back6 = dequantize_int8(t6, "w", 70, 130)
-    step6 = np.repeat(t6["w.scale"].transpose(1, 0, 2).reshape(3, -1)[:, :130].astype(np.float32), GROUP, axis=0)[:70]
+    step6 = steps(t6)
     assert np.all(np.abs(back6 - w) <= 0.5 * step6 * 1.01 + 1e-7)
     assert np.all(step6 < step4 / 4)
     # outlier rows: zero in the int8 part, kept in fp16 apart

@@ -210,6 +210,15 @@ inline void store_sums(float* out_row, const R* acc, const float* bias, int n0, 
 // Direct path over the blocked layout: the micro-kernel reads each 64-column block where it is, front to back,
 // without packing. A tile is ROWS rows of out against CV vectors of one block, the running sums in registers.
 // Per element this is again the FMA chain k = 0..K-1 from zero, then + bias, then + out.
+// Decoding (one row) reads each weight byte once, front to back; where a tile spends several instructions a byte
+// (widening 16-bit weights, unpacking int8 / int4 / int6), the hardware prefetcher alone fell behind, and such
+// tiles prefetch the weights DECODE_AHEAD bytes on (2-8 KB measured alike on Zen 3, none 10-30% slower in
+// the int8 / int6 LM head alone). `bytes` from p, a line at a time; a hint only, so it may pass the end.
+constexpr int DECODE_AHEAD = 4096;
+inline void prefetch_ahead(const void* p, int bytes) {
+  for (int l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + DECODE_AHEAD + l, 0, 3);
+}
+
 template <class WR, int ROWS, int CV>
 inline void blocked_tile(float* out, const float* inp, const typename WR::T* block, const float* bias, int K, int ldi,
                          int ldo, int n0, int ncols, bool accumulate) {
@@ -217,8 +226,7 @@ inline void blocked_tile(float* out, const float* inp, const typename WR::T* blo
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = Vec::zero();
   const typename WR::T* wp = block;
-  // AVX2 decoding of 16-bit weights (one row, a whole block per pass) prefetches 4 KB ahead, as qmatmul.inl's
-  // one-row tiles do: widening costs instructions a byte, and the hardware prefetcher alone fell behind. Zen 3,
+  // AVX2 decoding of 16-bit weights (one row, a whole block per pass) prefetches ahead (prefetch_ahead). Zen 3,
   // 2 threads, gpt2 decode, builds alternating over 6 rounds: bf16 69-77 -> 67-84 tok/s (ahead in 5 of 6),
   // fp16 68-83 -> 72-83 (ahead in 3); fp32 (one FMA a load) measured even alone and is left as it was.
   constexpr bool decode_prefetch = ROWS == 1 && CV * W == BLOCK_COLS && W == 8 && !std::is_same_v<WR, F32W>;
@@ -227,9 +235,7 @@ inline void blocked_tile(float* out, const float* inp, const typename WR::T* blo
   // AVX-512 87-90 -> 98-103 tok/s; at ~83 GB/s unchanged); AVX2 fp32 batch-16 401 -> 481-508; prefill unchanged.
 #pragma GCC unroll 4
   for (int k = 0; k < K; ++k, wp += BLOCK_COLS) {
-    if constexpr (decode_prefetch)
-      for (int l = 0; l < BLOCK_COLS * static_cast<int>(sizeof(typename WR::T)); l += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(wp) + 4096 + l, 0, 3);
+    if constexpr (decode_prefetch) prefetch_ahead(wp, BLOCK_COLS * sizeof(typename WR::T));
     R b[CV];
     for (int j = 0; j < CV; ++j) b[j] = WR::load(wp + j * W);  // the last block is zero-padded
     for (int i = 0; i < ROWS; ++i) {

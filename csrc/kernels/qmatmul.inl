@@ -34,8 +34,6 @@ constexpr int GROUP = kQuantGroup;
 constexpr int QUADS = GROUP / 4;
 constexpr int BLOCK = kBlockCols;
 constexpr int QUAD_BYTES = BLOCK * 4;  // one [64][4] row of a block
-// How far ahead a one-row tile prefetches its weights (q8_tile): 2-8 KB measured alike, none 10-30% slower.
-constexpr int DECODE_AHEAD = 4096;
 // Rows of QUAD_BYTES per group, and bytes per column block, for weights of BITS (8, 4 or 6) bits.
 template <int BITS>
 constexpr int ROWS_PER_GROUP = QUADS * BITS / 8;
@@ -134,16 +132,14 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
   // What the weights' offset adds per unit of the activations' sum: int4 + 8, int6 + 32, int8 + 128 with VNNI.
   constexpr int32_t offset = BITS == 4 ? 8 : BITS == 6 ? 32 : QDot::offset ? 128 : 0;
   const int8_t* wq = wblock + c * 4 + static_cast<int64_t>(g0) * ROWS_PER_GROUP<BITS> * QUAD_BYTES;
-  // Decoding (one row) streams each weight byte once; the hardware prefetcher alone left these loops waiting on
-  // memory at the start of each row of a block, most of all int6's (three rows per 16 k, 1.6 times int8's
-  // instructions a weight: 70% of its samples on the first loads of each 16 k), so each row prefetches the one
-  // DECODE_AHEAD bytes on. Where measured: AVX2 (Zen 3, 2 threads; int6 on every level, since it is new). int6
-  // LM head alone 50257 x 768: 2.9-3.3 -> 1.2-2.0 ms; gpt2 decode int4 (int6 head, in one build) 126-148 ->
-  // 163-189 tok/s; int8 even within the host's noise (113-139 before, 118-145 with it).
+  // Decoding (one row) prefetches ahead (matmul.inl's prefetch_ahead): without it these loops waited on memory at
+  // the start of each row of a block, most of all int6's (three rows per 16 k, 1.6 times int8's instructions a
+  // weight: 70% of its samples on the first loads of each 16 k). Where measured: AVX2 (Zen 3, 2 threads; int6
+  // on every level, since it is new). int6 LM head alone 50257 x 768: 2.9-3.3 -> 1.2-2.0 ms; gpt2 decode int4
+  // (int6 head, in one build) 126-148 -> 163-189 tok/s; int8 even within the host's noise (113-139 before,
+  // 118-145 with it).
   constexpr bool decode_prefetch = ROWS == 1 && (L == 8 || BITS == 6);
-  auto prefetch_ahead = [](const int8_t* p, int bytes) {
-    for (int l = 0; l < bytes; l += 64) __builtin_prefetch(p + DECODE_AHEAD + l, 0, 3);
-  };
+  using matmul_detail::prefetch_ahead;
   for (int g = g0; g < g1; ++g) {
     I sum[ROWS][CV];
     for (int i = 0; i < ROWS; ++i)
@@ -153,21 +149,23 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
       // A pair of quads: the nibbles of one row, the top bits (at SHIFT and SHIFT + 2) of the quartet's row.
       auto pair = [&](auto shift, const int8_t* nib, const int8_t* top, const int8_t* xp) {
         constexpr int SHIFT = decltype(shift)::value;
+        // Column register j's two quads, unsigned 0..63: nibble | top bits.
+        auto unpack = [&](int j, I& lo, I& hi) {
+          const I raw = QDot::load(nib + j * L * 4), h = QDot::load(top + j * L * 4);
+          lo = QDot::or_(QDot::low_nibbles(raw), QDot::template top_bits<SHIFT>(h));
+          hi = QDot::or_(QDot::high_nibbles(raw), QDot::template top_bits<SHIFT + 2>(h));
+        };
         if constexpr (ROWS == 1) {  // each pair of weight registers used as soon as unpacked (see int8's)
           const I x0 = QDot::bcast(four_bytes(xp)), x1 = QDot::bcast(four_bytes(xp + 4));
           for (int j = 0; j < CV; ++j) {
-            const I raw = QDot::load(nib + j * L * 4), h = QDot::load(top + j * L * 4);
-            sum[0][j] = QDot::wide_pair(sum[0][j], x0, QDot::or_(QDot::low_nibbles(raw), QDot::template top_bits<SHIFT>(h)),
-                                        x1, QDot::or_(QDot::high_nibbles(raw), QDot::template top_bits<SHIFT + 2>(h)));
+            I lo, hi;
+            unpack(j, lo, hi);
+            sum[0][j] = QDot::wide_pair(sum[0][j], x0, lo, x1, hi);
           }
           return;
         }
         I lo[CV], hi[CV];
-        for (int j = 0; j < CV; ++j) {
-          const I raw = QDot::load(nib + j * L * 4), h = QDot::load(top + j * L * 4);
-          lo[j] = QDot::or_(QDot::low_nibbles(raw), QDot::template top_bits<SHIFT>(h));
-          hi[j] = QDot::or_(QDot::high_nibbles(raw), QDot::template top_bits<SHIFT + 2>(h));
-        }
+        for (int j = 0; j < CV; ++j) unpack(j, lo[j], hi[j]);
         for (int i = 0; i < ROWS; ++i) {
           const I x0 = QDot::bcast(four_bytes(xp + static_cast<int64_t>(i) * Kp));
           const I x1 = QDot::bcast(four_bytes(xp + static_cast<int64_t>(i) * Kp + 4));
