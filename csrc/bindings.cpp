@@ -16,6 +16,7 @@
 #endif
 
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 #include "generate/decoder.h"
 #include "generate/logits_process.h"
 #include "kernels/kernels.h"
@@ -591,6 +592,38 @@ PYBIND11_MODULE(_core, m) {
     with_isa(isa, [&](const KernelTable& t) { mx = t.to_f16(o.mutable_data(), x.data(), static_cast<int>(x.size())); });
     return py::make_tuple(o, mx);
   });
+  // stealing_ranges: units [0, n) shared by `threads` threads in chunks of `chunk` (cpu/parallel.h), thread 0
+  // spinning `slow_us` microseconds before each of its ranges; returns how often each unit ran and how many
+  // units each thread ran.
+  k.def("stealing_ranges", [](int64_t n, int64_t chunk, int threads, double slow_us) {
+    if (n < 0 || threads < 1) throw std::invalid_argument("n >= 0 and threads >= 1 please");
+    py::array_t<int32_t> runs(n), per_thread(threads);
+    std::fill_n(runs.mutable_data(), n, 0);
+    std::fill_n(per_thread.mutable_data(), threads, 0);
+    int32_t* r = runs.mutable_data();
+    int32_t* pt = per_thread.mutable_data();
+    {
+      py::gil_scoped_release release;
+      StealingRanges ranges(n, chunk, threads);
+#pragma omp parallel num_threads(threads)
+      {
+        const int t = thread_index(), nt = thread_count();
+        ranges.run(t, nt, [&](int64_t b, int64_t e) {
+          if (t == 0) {
+            const auto t0 = std::chrono::steady_clock::now();
+            while (std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() < slow_us) {
+            }
+          }
+          for (int64_t u = b; u < e; ++u) {
+#pragma omp atomic
+            r[u] += 1;
+          }
+          pt[t] += static_cast<int32_t>(e - b);
+        });
+      }
+    }
+    return py::make_tuple(runs, per_thread);
+  }, py::arg("n"), py::arg("chunk"), py::arg("threads"), py::arg("slow_us") = 0.0);
   k.def("logsumexp", [](const std::string& isa, FloatArray x) {
     float mx = 0, lse = 0;
     with_isa(isa, [&](const KernelTable& t) { t.logsumexp(x.data(), static_cast<int>(x.size()), &mx, &lse); });

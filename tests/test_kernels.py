@@ -485,3 +485,17 @@ def test_levels_agree_within_tolerance():
 def test_unknown_isa_is_refused():
     with pytest.raises(ValueError, match=r"unknown instruction set level 'avx9000' \(known: generic, avx2, avx2-vnni, avx512, avx512-vnni, avx512-bf16\)"):
         K_.logsumexp("avx9000", np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("n, chunk, threads", [(0, 2, 2), (1, 2, 2), (37, 2, 2), (786, 2, 2), (100, 3, 5), (50, 1, 1)])
+def test_stealing_ranges_run_every_unit_once(n, chunk, threads):
+    runs, per_thread = _core.kernels.stealing_ranges(n, chunk, threads)
+    assert runs.shape == (n,) and (runs == 1).all()
+    assert per_thread.sum() == n
+
+
+def test_stealing_ranges_move_a_slow_threads_units_to_the_others():
+    # Thread 0 spins 500 us before each of its ranges: the other takes most of its half.
+    runs, per_thread = _core.kernels.stealing_ranges(32, 2, 2, slow_us=500.0)
+    assert (runs == 1).all()
+    assert per_thread[1] > 16

@@ -5,6 +5,7 @@
 // matrices are too small to split (layer norms, GELU, KV cache writes, small matmuls). A body may be called
 // from inside another region (attention's products run inside the attention's team), so it is told its
 // thread index and team size instead of asking the runtime, which would answer for the enclosing team.
+#include <atomic>
 #include <cstdint>
 
 namespace gptcpp {
@@ -22,6 +23,7 @@ inline void parallel_for_if(bool parallel, int64_t n, F&& body) {
 
 int thread_count();
 int thread_index();
+int next_team_size();
 
 // body(t, nt) once per thread t of a team of nt when `parallel`, else body(0, 1) in the calling thread (a
 // body that synchronises its team does so only when nt > 1).
@@ -34,5 +36,72 @@ inline void parallel_region_if(bool parallel, F&& body) {
 #pragma omp parallel
   body(thread_index(), thread_count());
 }
+
+// Units [0, n) shared by the team of the region about to start (`team` threads): one contiguous range per thread, which the
+// thread works through from the front `chunk` units at a time; a thread whose range has run out takes the back
+// half of what is left of another's (whose front goes on as before) and carries on with that. Each thread still
+// streams long runs of memory, and a slower core's work moves to the faster one. On the shared hosts measured
+// here one core of two was often 10-15% slower than the other for the length of a process: where the work is
+// arithmetic, as in a batch of decoding steps, the faster thread otherwise waited for the slower at every
+// matrix (numbers where it is used). A region whose team is not the expected size splits statically.
+class StealingRanges {
+ public:
+  static constexpr int kMaxTeam = 64;
+  StealingRanges(int64_t n, int64_t chunk, int team = next_team_size()) : n_(n), chunk_(chunk < 1 ? 1 : chunk), team_(team) {
+    if (team_ > kMaxTeam || n >= (int64_t{1} << 32)) team_ = 0;
+    for (int t = 0; t < team_; ++t) slot(t).store(pack(n * t / team_, n * (t + 1) / team_), std::memory_order_relaxed);
+  }
+  // body(begin, end) for each range of units thread t of the team of nt takes on.
+  template <class F>
+  void run(int t, int nt, F&& body) {
+    if (nt != team_) {
+      const int64_t b = n_ * t / nt, e = n_ * (t + 1) / nt;
+      if (e > b) body(b, e);
+      return;
+    }
+    for (int64_t b, e; claim(t, nt, b, e);) body(b, e);
+  }
+
+ private:
+  bool claim(int t, int nt, int64_t& begin, int64_t& end) {
+    for (;;) {
+      uint64_t v = slot(t).load(std::memory_order_relaxed);
+      while (front(v) < back(v)) {  // our own range, from the front
+        const int64_t e = front(v) + chunk_ < back(v) ? front(v) + chunk_ : back(v);
+        if (slot(t).compare_exchange_weak(v, pack(e, back(v)), std::memory_order_relaxed)) {
+          begin = front(v);
+          end = e;
+          return true;
+        }
+      }
+      bool stole = false;
+      for (int i = 1; i < nt && !stole; ++i) {  // the back half of the next range with units left
+        std::atomic<uint64_t>& other = slot((t + i) % nt);
+        uint64_t o = other.load(std::memory_order_relaxed);
+        while (front(o) < back(o)) {
+          const int64_t mid = back(o) - (back(o) - front(o) + 1) / 2;
+          if (other.compare_exchange_weak(o, pack(front(o), mid), std::memory_order_relaxed)) {
+            // Ours is empty, and a thief leaves an empty range alone: nobody else writes it meanwhile.
+            slot(t).store(pack(mid, back(o)), std::memory_order_relaxed);
+            stole = true;
+            break;
+          }
+        }
+      }
+      if (!stole) return false;
+    }
+  }
+  static uint64_t pack(int64_t f, int64_t b) { return static_cast<uint64_t>(f) | static_cast<uint64_t>(b) << 32; }
+  static int64_t front(uint64_t v) { return static_cast<int64_t>(v & 0xffffffffu); }
+  static int64_t back(uint64_t v) { return static_cast<int64_t>(v >> 32); }
+  std::atomic<uint64_t>& slot(int t) { return ranges_[t].v; }
+
+  struct alignas(64) Slot {  // a cache line each: its owner writes it at every claim
+    std::atomic<uint64_t> v;
+  };
+  Slot ranges_[kMaxTeam];
+  int64_t n_, chunk_;
+  int team_;
+};
 
 }  // namespace gptcpp

@@ -40,9 +40,11 @@ const KernelTable& kernels() { return kernels_for(selected_isa()); }
 #ifdef _OPENMP
 int thread_count() { return omp_get_num_threads(); }
 int thread_index() { return omp_get_thread_num(); }
+int next_team_size() { return omp_in_parallel() ? 1 : omp_get_max_threads(); }
 #else
 int thread_count() { return 1; }
 int thread_index() { return 0; }
+int next_team_size() { return 1; }
 #endif
 
 float* scratch_floats(int64_t n, int slot) {

@@ -82,7 +82,9 @@ namespace gptcpp {
 // ISA-specific copy of a standard-library template can leak into the others.
 float* scratch_floats(int64_t n, int slot);
 
-// The OpenMP team size and this thread's index in it (1 and 0 when built without OpenMP).
+// The OpenMP team size and this thread's index in it (1 and 0 when built without OpenMP), and the size of the
+// team a region started here would have (1 inside a region: regions do not nest).
 int thread_count();
 int thread_index();
+int next_team_size();
 }  // namespace gptcpp

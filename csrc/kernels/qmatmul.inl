@@ -382,6 +382,12 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
   // rounds of old and new in one process: int4 +2.7%, int8 +1.6% median, ahead in 38 of 60 each).
   const bool before = M <= 2;
   if (before) quantize(0, M);
+  // Tasks: column units, and the rows split too when there are too few units for the team; contiguous ranges
+  // of them per thread, with stealing for decoding steps as matmul.inl's float paths (STEAL_MAX_M).
+  const int team = next_team_size();
+  const int mgroups = units >= 2 * team || M < 2 * ROWS ? 1 : (2 * team + units - 1) / units;
+  const int tasks = units * mgroups;
+  StealingRanges ranges(tasks, M <= matmul_detail::STEAL_MAX_M ? 2 * (BLOCK / UNIT) : tasks);
   parallel_region_if(parallel, [&](int t, int nt) {
     if (!before) {
       quantize(static_cast<int>(static_cast<int64_t>(M) * t / nt), static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt));
@@ -389,22 +395,19 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
 #pragma omp barrier
       }
     }
-    // Contiguous column units per thread; rows split too when there are too few units for the team.
-    const int mgroups = units >= 2 * nt || M < 2 * ROWS ? 1 : (2 * nt + units - 1) / units;
-    const int tasks = units * mgroups;
-    const int k0 = static_cast<int>(static_cast<int64_t>(tasks) * t / nt);
-    const int k1 = static_cast<int>(static_cast<int64_t>(tasks) * (t + 1) / nt);
-    for (int task = k0; task < k1;) {
-      const int g = task / units, u = task % units;
-      const int u_end = (g + 1) * units < k1 ? units : k1 - g * units;
-      const int m0 = static_cast<int>(static_cast<int64_t>(M) * g / mgroups);
-      const int m1 = static_cast<int>(static_cast<int64_t>(M) * (g + 1) / mgroups);
-      if constexpr (CHUNKED)
-        q8_chunked<ROWS, CV, BITS>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
-      else
-        q8_range<ROWS, CV, BITS>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
-      task += u_end - u;
-    }
+    ranges.run(t, nt, [&](int64_t k0, int64_t k1) {
+      for (int task = static_cast<int>(k0); task < k1;) {
+        const int g = task / units, u = task % units;
+        const int u_end = (g + 1) * units < k1 ? units : static_cast<int>(k1) - g * units;
+        const int m0 = static_cast<int>(static_cast<int64_t>(M) * g / mgroups);
+        const int m1 = static_cast<int>(static_cast<int64_t>(M) * (g + 1) / mgroups);
+        if constexpr (CHUNKED)
+          q8_chunked<ROWS, CV, BITS>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
+        else
+          q8_range<ROWS, CV, BITS>(out, x, w, bias, m0, m1, N, ldo, u, u_end, accumulate);
+        task += u_end - u;
+      }
+    });
   });
 }
 

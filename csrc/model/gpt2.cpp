@@ -299,12 +299,16 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       K.attention_forward(att.data() + r0 * C + un.head * hd, qkv.data() + r0 * 3 * C + un.head * hd, kb, vb,
                           c.kv_dtype, un.rows, it.cache->length() + un.t0, hd, 3 * C, C, scale);
     };
-    if (decoding) {  // units of equal cost: each thread takes every nt-th, prefetching its next one
+    if (decoding) {  // units of equal cost, shared with stealing (see matmul.inl's STEAL_MAX_M), each thread
+                     // prefetching the unit after the one it runs, usually its next
+      StealingRanges ranges(n_units, 2);
       parallel_region_if(n_units > 1, [&](int t, int nt) {
-        for (int u = t; u < n_units; u += nt) {
-          if (u + nt < n_units) prefetch_unit(units[u + nt], l);
-          run_unit(u);
-        }
+        ranges.run(t, nt, [&](int64_t u0, int64_t u1) {
+          for (int64_t u = u0; u < u1; ++u) {
+            if (u + 1 < n_units) prefetch_unit(units[u + 1], l);
+            run_unit(static_cast<int>(u));
+          }
+        });
       });
     } else {  // a prompt's chunks cost more the later they sit: taken as threads come free
 #pragma omp parallel for schedule(dynamic, 1) if (n_units > 1)
