@@ -172,8 +172,14 @@ def test_full_queue_answers_429_and_disconnects_free_slots(model_dir):
             results.append(s.post("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 200,
                                                                  "temperature": 0}).encode()))
 
+        # The first request running before the others arrive: otherwise it may still sit in the queue when the
+        # second comes, and every later one is refused (a race the test lost once).
         threads = [threading.Thread(target=long_request) for _ in range(5)]
-        for t in threads:
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while json.loads(s.get("/health")[1])["active_sequences"] < 1 and threads[0].is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for t in threads[1:]:
             t.start()
         for t in threads:
             t.join()
