@@ -177,7 +177,10 @@ def test_full_queue_answers_429_and_disconnects_free_slots(model_dir):
         threads = [threading.Thread(target=long_request) for _ in range(5)]
         threads[0].start()
         deadline = time.monotonic() + 30
-        while json.loads(s.get("/health")[1])["active_sequences"] < 1 and threads[0].is_alive() and time.monotonic() < deadline:
+        def first_running():
+            return json.loads(s.get("/health")[1])["active_sequences"] >= 1
+
+        while not first_running() and threads[0].is_alive() and time.monotonic() < deadline:
             time.sleep(0.001)
         for t in threads[1:]:
             t.start()

@@ -37,17 +37,18 @@ inline void parallel_region_if(bool parallel, F&& body) {
   body(thread_index(), thread_count());
 }
 
-// Units [0, n) shared by the team of the region about to start (`team` threads): one contiguous range per thread, which the
-// thread works through from the front `chunk` units at a time; a thread whose range has run out takes the back
-// half of what is left of another's (whose front goes on as before) and carries on with that. Each thread still
-// streams long runs of memory, and a slower core's work moves to the faster one. On the shared hosts measured
-// here one core of two was often 10-15% slower than the other for the length of a process: where the work is
-// arithmetic, as in a batch of decoding steps, the faster thread otherwise waited for the slower at every
-// matrix (numbers where it is used). A region whose team is not the expected size splits statically.
+// Units [0, n) shared by the `team` threads of the region about to start: one contiguous range per thread,
+// which the thread works through from the front `chunk` units at a time; a thread whose range has run out takes
+// the back half of what is left of another's (whose front goes on as before) and carries on with that. Each
+// thread still streams long runs of memory, and a slower core's work moves to the faster one. On the shared
+// hosts measured here one core of two was often 10-15% slower than the other for the length of a process:
+// where the work is arithmetic, as in a batch of decoding steps, the faster thread otherwise waited for the
+// slower at every matrix (numbers where it is used). A region whose team is not that size splits statically.
 class StealingRanges {
  public:
   static constexpr int kMaxTeam = 64;
-  StealingRanges(int64_t n, int64_t chunk, int team = next_team_size()) : n_(n), chunk_(chunk < 1 ? 1 : chunk), team_(team) {
+  StealingRanges(int64_t n, int64_t chunk, int team = next_team_size())
+      : n_(n), chunk_(chunk < 1 ? 1 : chunk), team_(team) {
     if (team_ > kMaxTeam || n >= (int64_t{1} << 32)) team_ = 0;
     for (int t = 0; t < team_; ++t) slot(t).store(pack(n * t / team_, n * (t + 1) / team_), std::memory_order_relaxed);
   }

@@ -215,6 +215,9 @@ inline void store_sums(float* out_row, const R* acc, const float* bias, int n0, 
 // tiles prefetch the weights DECODE_AHEAD bytes on (2-8 KB measured alike on Zen 3, none 10-30% slower in
 // the int8 / int6 LM head alone). `bytes` from p, a line at a time; a hint only, so it may pass the end.
 constexpr int DECODE_AHEAD = 4096;
+inline void prefetch_ahead(const void* p, int bytes) {
+  for (int l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + DECODE_AHEAD + l, 0, 3);
+}
 
 // Up to this many rows (decoding steps, batched or not) the threads split a matrix's columns with stealing
 // (cpu/parallel.h's StealingRanges) in ranges of two blocks. Zen 3, 2 threads, gpt2, with and without stealing
@@ -222,9 +225,6 @@ constexpr int DECODE_AHEAD = 4096;
 // processes (an earlier variant +4-20%), int8 +3%, fp16 / bf16 +2-4%; batch-1 decode int4 +2.2%, int8 +3.6%,
 // fp16 +1.3% (ahead in 14-16 of 20 rounds). pp512 measured even: above this each thread's range goes whole.
 constexpr int STEAL_MAX_M = 64;
-inline void prefetch_ahead(const void* p, int bytes) {
-  for (int l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + DECODE_AHEAD + l, 0, 3);
-}
 
 template <class WR, int ROWS, int CV>
 inline void blocked_tile(float* out, const float* inp, const typename WR::T* block, const float* bias, int K, int ldi,

@@ -384,10 +384,10 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
   if (before) quantize(0, M);
   // Tasks: column units, and the rows split too when there are too few units for the team; contiguous ranges
   // of them per thread, with stealing for decoding steps as matmul.inl's float paths (STEAL_MAX_M).
-  const int team = next_team_size();
+  const int team = parallel ? next_team_size() : 1;
   const int mgroups = units >= 2 * team || M < 2 * ROWS ? 1 : (2 * team + units - 1) / units;
   const int tasks = units * mgroups;
-  StealingRanges ranges(tasks, M <= matmul_detail::STEAL_MAX_M ? 2 * (BLOCK / UNIT) : tasks);
+  StealingRanges ranges(tasks, M <= matmul_detail::STEAL_MAX_M ? 2 * (BLOCK / UNIT) : tasks, team);
   parallel_region_if(parallel, [&](int t, int nt) {
     if (!before) {
       quantize(static_cast<int>(static_cast<int64_t>(M) * t / nt), static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt));
