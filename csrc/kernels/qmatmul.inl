@@ -432,23 +432,34 @@ void q8_dispatch(float* out, QRows x, const uint8_t* skip, const float* inp, con
       return q8_parallel<3, 4, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
     }
   } else {
-    // AVX2, measured the same way in AVX2 mode on Zen 5: whole-block 3 x 4 tiles (some sums spill) beat 2 x 2
-    // with vpmaddubsw at 16 rows (265 vs 213 GOP/s) and 512 (321 vs 255); with AVX-VNNI at 16 rows (478 vs 396)
-    // but not at 512 (571 vs 620).
+    // AVX-VNNI, measured the same way on Zen 5: int8 in whole-block 3 x 4 tiles (some sums spill) beat 2 x 2 at
+    // 16 rows (478 vs 396 GOP/s) but not at 512 (571 vs 620). Without VNNI, see below.
     // Up to 32 rows, in prefetched chunks (q8_chunked). Zen 3 (AVX2, vpmaddubsw), 2 threads, 768 x 3072 cold,
     // interleaved best of 5: int8 9 rows 493 -> 356 us, 16 rows 719 -> 593, 32 rows 1,328 -> 1,165; int4 299
     // -> 238, 475 -> 392, 885 -> 721; 64 rows within 3% either way (so not there); 16 x 3072 x 768 int8 691 ->
     // 601, int4 534 -> 428. Chunks of 4 or 12 groups, or prefetching one or three chunks ahead, no better.
     // gpt2 batch-16 decode int8 283-327 -> 335-398 tok/s, int4 352-354 -> 439-441.
+    // Without VNNI, by measurement on Zen 3 (2 threads, in one process alternating; 3 x 4 had beaten 2 x 2 on
+    // Zen 5 in AVX2 mode): int8 2 x 4, whose 8 sums, 4 weights and the sign trick's 3 registers fit the 16
+    // without spilling (3 x 4 spilled in the k loop);
+    // int4 and int6 4 x 2 (8 int16 sums, 2 x 2 unpacked weights, 2 activations, the nibble mask). Against 3 x 4
+    // and 2 x 2: gpt2 batch-16 decode int8 +13% median (8 of 8 rounds), int4 +11% and then its int6 head +9%
+    // (8 of 8 each); 512 x 768 x 3072 int8 cold 124 -> 139 GOP/s, gpt2 int8 pp512 +7-12% median. int4 at 512
+    // rows measured even between 2 x 2, 3 x 2 and 4 x 2 and stays 2 x 2.
+    constexpr bool sign_trick = !QDot::offset;
     if (M <= 32) {
-      if constexpr (BITS != 8)
+      if constexpr (BITS != 8 && sign_trick)
+        return q8_parallel<4, 2, BITS, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+      else if constexpr (BITS != 8)
         return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, BITS, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo,
                                                               accumulate, parallel);
+      else if constexpr (sign_trick)
+        return q8_parallel<2, 4, BITS, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
       else
         return q8_parallel<3, 4, BITS, true>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
     }
-    if constexpr (BITS == 8 && !QDot::offset)
-      return q8_parallel<3, 4, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+    if constexpr (BITS == 8 && sign_trick)
+      return q8_parallel<2, 4, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
     else
       return q8_parallel<Q_ROWS_GEMM, Q_CV_GEMM, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate,
                                                         parallel);
