@@ -322,8 +322,30 @@ PYBIND11_MODULE(_core, m) {
     for (Isa i : supported_isas()) sup.append(isa_name(i));
     d["supported_isas"] = sup;
     d["isa"] = isa_name(selected_isa());
+    d["amd_zen4"] = f.amd_zen4;
+    const Tuning t = tuning();
+    py::dict tun;
+    tun["avx512_fp32_chunk_rows"] = t.avx512_fp32_chunk_rows;
+    tun["avx512_q8_slices"] = t.avx512_q8_slices;
+    d["tuning"] = tun;
     return d;
   });
+  // Kernel variants chosen by CPU (cpu/isa.h Tuning): tests run each on any machine. Returns the previous
+  // settings; a setting left out keeps its value.
+  m.def("set_tuning", [](py::object fp32_chunk_rows, py::object q8_slices) {
+    const Tuning old = tuning();
+    Tuning t = old;
+    if (!fp32_chunk_rows.is_none()) t.avx512_fp32_chunk_rows = fp32_chunk_rows.cast<int>();
+    if (t.avx512_fp32_chunk_rows < 2)
+      throw std::invalid_argument("avx512_fp32_chunk_rows must be at least 2, got " +
+                                  std::to_string(t.avx512_fp32_chunk_rows));
+    if (!q8_slices.is_none()) t.avx512_q8_slices = q8_slices.cast<bool>();
+    set_tuning(t);
+    py::dict d;
+    d["avx512_fp32_chunk_rows"] = old.avx512_fp32_chunk_rows;
+    d["avx512_q8_slices"] = old.avx512_q8_slices;
+    return d;
+  }, py::arg("avx512_fp32_chunk_rows") = py::none(), py::arg("avx512_q8_slices") = py::none());
   m.def("isa", []() { return std::string(isa_name(selected_isa())); }, "the instruction set level in use");
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); });
   m.def("all_isas", []() {

@@ -159,12 +159,34 @@ def test_bf16_rows_independent_of_batch(isa, blocked):
     np.testing.assert_allclose(batch, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
+# The kernel variants chosen by CPU (cpu/isa.h Tuning: AVX-512 fp32 chunks from 16 rows or from 24, int8 in k
+# slices or not): the tests below run each on any machine, whichever this CPU would pick.
+@pytest.fixture(params=[(16, True), (24, False)], ids=["chunks16-slices", "chunks24-whole"])
+def tuning(request):
+    old = _core.set_tuning(*request.param)
+    yield request.param
+    _core.set_tuning(**old)
+
+
+def test_tuning_is_chosen_by_cpu():
+    info = _core.cpu_info()
+    assert info["tuning"] == ({"avx512_fp32_chunk_rows": 24, "avx512_q8_slices": False} if info["amd_zen4"]
+                              else {"avx512_fp32_chunk_rows": 16, "avx512_q8_slices": True})
+    old = _core.set_tuning(avx512_q8_slices=not info["tuning"]["avx512_q8_slices"])
+    assert old == info["tuning"] and _core.cpu_info()["tuning"]["avx512_q8_slices"] != old["avx512_q8_slices"]
+    _core.set_tuning(**old)
+    assert _core.cpu_info()["tuning"] == old
+    with pytest.raises(ValueError, match="avx512_fp32_chunk_rows must be at least 2"):
+        _core.set_tuning(avx512_fp32_chunk_rows=0)
+    assert _core.cpu_info()["tuning"] == old
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("K", [63, 128, 129, 300, 3072])
-def test_blocked_batches_against_rows(isa, dtype, K):
+def test_blocked_batches_against_rows(isa, dtype, K, tuning):
     """The blocked layout at the row counts of batched decoding and prefill, where the kernels walk the weights in
     chunks of K with partial sums kept between them (AVX2 fp32 from 4 rows, fp16/bf16 from 2 to 64; AVX-512
-    fp32 from 16 to 48), and at the counts around those bounds that take other tiles: K below,
+    fp32 from 16 or 24 to 48, by `tuning`), and at the counts around those bounds that take other tiles: K below,
     at, just past and many times a chunk, a ragged last column block, bias and accumulate. Every row equals the
     same row computed alone (which takes the one-row path) bit for bit, and the numpy reference."""
     rng = np.random.default_rng(K)
@@ -233,9 +255,9 @@ def test_int8_matmul_same_bits_on_every_x86_level(bits):
 
 @pytest.mark.parametrize("bits", [8, 6, 4])
 @pytest.mark.parametrize("M", [5, 16, 32, 40])
-def test_int8_matmul_in_k_slices_same_bits_as_rows_alone(isa, bits, M):
+def test_int8_matmul_in_k_slices_same_bits_as_rows_alone(isa, bits, M, tuning):
     """Many rows over a long k go through the weights in slices along k (AVX2 batches up to 32 rows: in
-    prefetched chunks, every column unit of a block in turn), their float sums kept in memory in between; a row
+    prefetched chunks, every column unit of a block in turn; AVX-512 int8 where `tuning` says so), their float sums kept in memory in between; a row
     alone takes the whole k in one pass. The operations are the same, so are the bits, at every level
     (K = 4,200 is more than one slice for every tile shape), with outliers and accumulation, a ragged last
     block and a row tile cut short."""

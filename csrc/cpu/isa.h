@@ -17,8 +17,19 @@ struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512_vnni = false, avx512_bf16 = false, avx_vnni = false;
+  bool amd_zen4 = false;  // AMD family 19h with AVX-512: 512-bit operations in two 256-bit halves, a 32 KB L1D
   std::string brand;
 };
+
+// Kernel choices that measured differently on CPUs of the same level, read by the kernels at each call (a
+// choice never changes a result's bits: the variants do the same operations in the same order). Set from the
+// CPU at start-up; tests flip them to run every variant on any machine. Measurements in the kernels.
+struct Tuning {
+  int avx512_fp32_chunk_rows = 16;  // matmul.inl: AVX-512 fp32 batches from this many rows to 48 walk K in chunks
+  bool avx512_q8_slices = true;    // qmatmul.inl: AVX-512 int8 tiles take a column unit's k in L1-sized slices
+};
+Tuning tuning();
+void set_tuning(const Tuning& t);
 
 const CpuFeatures& cpu_features();
 const char* isa_name(Isa isa);

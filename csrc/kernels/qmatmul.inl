@@ -322,7 +322,10 @@ inline void q8_chunked(float* out, QRows x, const WeightView& w, const float* bi
 // 3,072, against Zen 5's 48 KB L1); the tiles' float sums wait in `partial` between slices. Measured on Zen 5,
 // 2 threads, gpt2's four matrix shapes in int8 (warm): 512 rows 1,310 -> 1,405 GOP/s, 16 rows 965 -> 1,190;
 // gpt2 int8 pp512 5,470 -> 5,975 tok/s, batch-16 decode +2%. int4 (16 KB units at K = 768) measured 2%
-// slower in slices and goes whole.
+// slower in slices and goes whole. On Zen 4 (32 KB L1; Tuning::avx512_q8_slices) int8 goes whole too: 2
+// threads, the four shapes warm in L3, alternating, median GOP/s: 512 rows 515 -> 528 (ahead in 7 of 8), 16
+// rows 425 -> 512 (9 of 10), 32 rows 452 -> 515; gpt2 int8 pp512 +5.2% and batch-16 decode +5.8% (8 of 10
+// each). Smaller slices were slower there still (pp512: 16 KB 0.98x, 8 KB 0.81x of 32 KB).
 constexpr int SLICE_BYTES = 32768;
 
 template <int ROWS, int CV, int BITS>
@@ -333,7 +336,8 @@ inline void q8_range(float* out, QRows x, const WeightView& w, const float* bias
   const uint16_t* s = w.group_scales;
   const int Kp = x.Kp, groups = Kp / GROUP;
   constexpr int SLICE_GROUPS = SLICE_BYTES / (GROUP * UNIT * BITS / 8);
-  const int n_slices = BITS == 8 && m1 - m0 > 4 * ROWS ? (groups + SLICE_GROUPS - 1) / SLICE_GROUPS : 1;
+  const bool slices = BITS == 8 && m1 - m0 > 4 * ROWS && (L != 16 || tuning().avx512_q8_slices);
+  const int n_slices = slices ? (groups + SLICE_GROUPS - 1) / SLICE_GROUPS : 1;
   const int slice = (groups + n_slices - 1) / n_slices;  // slices of equal size
   float* partial = n_slices > 1 ? scratch_floats(static_cast<int64_t>(m1 - m0) * UNIT, 0) : nullptr;
   for (int u = u0; u < u1; ++u) {
