@@ -66,6 +66,7 @@ def test_score_and_info(model_dir, tmp_path):
     r = run("info", "--model", model_dir)
     assert r.returncode == 0, r.stderr
     assert "instruction sets:" in r.stdout and "n_embd: 32" in r.stdout and "bundled models:" in r.stdout
+    assert "kernel choices for this cpu: avx512_fp32_chunk_rows=" in r.stdout
 
 
 def test_quantize_command(model_dir, tmp_path):

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 
 def cpu_info() -> dict:
-    """What the CPU offers, which instruction-set levels can run, and the one in use."""
+    """What the CPU offers, which instruction-set levels can run, the one in use, and the kernel choices made
+    for this CPU ("tuning": variants that measured faster on it; they never change results)."""
     return _core.cpu_info()
 
 

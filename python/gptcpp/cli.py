@@ -192,6 +192,7 @@ def cmd_info(args) -> int:
     print(f"cpu: {info['brand'] or 'unknown'}")
     print(f"instruction sets: supported {', '.join(info['supported_isas'])}; in use {info['isa']}")
     print(f"cpu features: {', '.join(k for k, v in info['features'].items() if v) or 'none'}")
+    print(f"kernel choices for this cpu: {', '.join(f'{k}={v}' for k, v in info['tuning'].items())}")
     print(f"bundled models: {', '.join(bundled_models()) or 'none'}")
     if args.model:
         model = _load(args)
