@@ -186,8 +186,8 @@ def test_tuning_is_chosen_by_cpu():
 def test_blocked_batches_against_rows(isa, dtype, K, tuning):
     """The blocked layout at the row counts of batched decoding and prefill, where the kernels walk the weights in
     chunks of K with partial sums kept between them (AVX2 fp32 from 4 rows, fp16/bf16 from 2 to 64; AVX-512
-    fp32 from 16 or 24 to 48, by `tuning`), and at the counts around those bounds that take other tiles: K below,
-    at, just past and many times a chunk, a ragged last column block, bias and accumulate. Every row equals the
+    fp32 from 16 or 24 to 48, by `tuning`), and at the counts around those bounds that take other tiles: K
+    below, at, just past and many times a chunk, a ragged last column block, bias and accumulate. Every row equals the
     same row computed alone (which takes the one-row path) bit for bit, and the numpy reference."""
     rng = np.random.default_rng(K)
     N = 200
@@ -257,10 +257,10 @@ def test_int8_matmul_same_bits_on_every_x86_level(bits):
 @pytest.mark.parametrize("M", [5, 16, 32, 40])
 def test_int8_matmul_in_k_slices_same_bits_as_rows_alone(isa, bits, M, tuning):
     """Many rows over a long k go through the weights in slices along k (AVX2 batches up to 32 rows: in
-    prefetched chunks, every column unit of a block in turn; AVX-512 int8 where `tuning` says so), their float sums kept in memory in between; a row
-    alone takes the whole k in one pass. The operations are the same, so are the bits, at every level
-    (K = 4,200 is more than one slice for every tile shape), with outliers and accumulation, a ragged last
-    block and a row tile cut short."""
+    prefetched chunks, every column unit of a block in turn; AVX-512 int8 where `tuning` says so), their float
+    sums kept in memory in between; a row alone takes the whole k in one pass. The operations are the same, so
+    are the bits, at every level (K = 4,200 is more than one slice for every tile shape), with outliers and
+    accumulation, a ragged last block and a row tile cut short."""
     rng = np.random.default_rng(11)
     K, N = 4200, 130
     a = rng.standard_normal((M, K), dtype=np.float32)

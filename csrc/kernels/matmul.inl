@@ -423,9 +423,10 @@ inline void blocked_pair_tile(float* out, const float* inp, const typename WR::T
 //   weights, ~85 GB/s: 16 x 768 x 3072 220-250 -> 163-177 us, 16 x 3072 x 768 238-251 -> 169-177, the fp32 LM
 //   head 3.9 -> 2.8 ms, 24 rows 293 -> 227, 48 rows 508 -> 448; gpt2 fp32 batch-16 decode 867-929 -> 1,027-1,096
 //   tok/s. Slower at 8 and 12 rows (152 -> 239, 182 -> 246 us): too few tiles to hide a chunk's loads behind.
-//   On Zen 4 (Tuning::avx512_fp32_chunk_rows) from 24 rows: plain passes over chunks, 2 threads, gpt2's four
-//   shapes warm in L3, alternating, median of 10: 16 rows 1.01-1.06x, 20 rows 0.99x, 24 rows 0.93x, 32 rows
-//   0.94x, 48 rows 0.96x; gpt2 fp32 batch-16 decode +13% median (ahead in 10 of 10 rounds, best 434 -> 466 tok/s).
+//   On Zen 4 chunks start at 24 rows (Tuning::avx512_fp32_chunk_rows). There plain passes against chunks, 2
+//   threads, gpt2's four shapes warm in L3, alternating, median of 10: 16 rows 1.01-1.06x, 20 rows 0.99x, 24
+//   rows 0.93x, 32 rows 0.94x, 48 rows 0.96x; gpt2 fp32 batch-16 decode +13% median (ahead in 10 of 10 rounds,
+//   best 434 -> 466 tok/s).
 // - AVX2, chunks of 64 rows (16 KB of fp32; 32 was as fast, 128 slower), Zen 3, 2 threads, cold, ~16 GB/s,
 //   interleaved: fp32 from 4 rows (768 x 3072: 4 rows 933 -> 781 us, 8 rows 1,412 -> 891, 16 rows 1,346 ->
 //   646, 64 rows 3,309 -> 1,958, 512 rows 20.7 -> 20.2 ms; 16 x 3072 x 768 2,392 -> 776 us, 512 rows 28.6 ->
