@@ -168,29 +168,3 @@ def test_format_compute_factor():
     assert format_compute_factor("fp32", "avx512-bf16") == 1 and format_compute_factor("fp16", "avx512-bf16") == 1
     assert format_compute_factor("bf16", "avx512-bf16") == 2 and format_compute_factor("bf16", "avx512-vnni") == 1
     assert format_compute_factor("int8", "avx2-vnni") == 4 and format_compute_factor("int4", "avx512") == 1
-
-
-def test_interleaved_rests_before_each_measurement_and_alternates(monkeypatch):
-    """Each contender is measured after a rest (other runtimes' spinning threads go quiet), in an order reversed
-    every other round, with the probe after each round; a peer that fails is dropped, gptcpp's failure ends it."""
-    from gptcpp import bench
-    events = []
-    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("sleep", s)))
-
-    class Peer:
-        def __init__(self, name, fail=False):
-            self.name, self.fail = name, fail
-
-    a, b, bad = Peer("a"), Peer("b"), Peer("bad", fail=True)
-    contenders = [a, b, bad]
-
-    def measure(c):
-        events.append(("measure", c.name))
-        if c.fail:
-            raise RuntimeError("no")
-
-    bench._interleaved(contenders, 2, measure, lambda: events.append(("probe",)), settle=0.25)
-    assert events == [("sleep", 0.25), ("measure", "a"), ("sleep", 0.25), ("measure", "b"), ("sleep", 0.25),
-                      ("measure", "bad"), ("probe",),
-                      ("sleep", 0.25), ("measure", "b"), ("sleep", 0.25), ("measure", "a"), ("probe",)]
-    assert contenders == [a, b]

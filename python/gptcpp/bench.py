@@ -430,21 +430,13 @@ def run_speculative(args) -> int:
     return 0
 
 
-# Seconds of rest before each measurement: the thread pools of the peers in this process (OpenMP in torch and
-# CTranslate2, OpenVINO's) keep spinning for a while after their work, on the cores the next contender needs.
-# Zen 4, 2 threads, gpt2 fp32 decode right after a transformers generate 47.8-58.6 tok/s, after a 1 s pause
-# 58.3-70.9 (4 rounds).
-SETTLE_S = 0.5
-
-
-def _interleaved(contenders: list, rounds: int, measure, after_round, settle: float = SETTLE_S) -> None:
+def _interleaved(contenders: list, rounds: int, measure, after_round) -> None:
     """measure(c) for every contender, `rounds` times, the order reversed every other round (the shared host's
     bandwidth has been seen to change within minutes: a contender always measured last in a round would see
     the end of every round), after_round() after each. A peer that fails while measured is dropped, not the
     run."""
     for rnd in range(rounds):
         for c in (list(contenders) if rnd % 2 == 0 else list(reversed(contenders))):
-            time.sleep(settle)
             try:
                 measure(c)
             except Exception as e:
@@ -522,12 +514,11 @@ def run(args) -> int:
         else:
             b["tg"] = min(b["tg"], c.decode([short[0]], args.new_tokens))
 
-    settle = 0.0 if args.quick else SETTLE_S
-    _interleaved(contenders, args.repeat, full_round, probe, settle)
+    _interleaved(contenders, args.repeat, full_round, probe)
     # Decode alone, in more and shorter rounds: a full round takes minutes, long enough for the host's bandwidth
     # to change phase between two contenders of one round, while a decode-only round of every contender takes
     # seconds, so its contenders see the same phase and each gets more chances at the fast one.
-    _interleaved(contenders, args.decode_rounds, decode_round, probe, settle)
+    _interleaved(contenders, args.decode_rounds, decode_round, probe)
     bandwidth = max(bw)
 
     non_embed = L * (3 * C * C + C * C + 2 * C * I)
