@@ -63,6 +63,14 @@ const float* borrow(PyModel& m, const py::dict& tensors, const std::string& name
   return static_cast<const float*>(arr.data());
 }
 
+// A Tuning (cpu/isa.h) as cpu_info() and set_tuning() report it, keyed like set_tuning's arguments.
+py::dict tuning_dict(const Tuning& t) {
+  py::dict d;
+  d["avx512_fp32_chunk_rows"] = t.avx512_fp32_chunk_rows;
+  d["avx512_q8_slices"] = t.avx512_q8_slices;
+  return d;
+}
+
 // The storage format of a weight array, from its numpy dtype: float32, float16, uint16 (bf16 bits), int8.
 DType dtype_of(const py::array& w, const std::string& name) {
   const char kind = w.dtype().kind();
@@ -323,11 +331,7 @@ PYBIND11_MODULE(_core, m) {
     d["supported_isas"] = sup;
     d["isa"] = isa_name(selected_isa());
     d["amd_zen4"] = f.amd_zen4;
-    const Tuning t = tuning();
-    py::dict tun;
-    tun["avx512_fp32_chunk_rows"] = t.avx512_fp32_chunk_rows;
-    tun["avx512_q8_slices"] = t.avx512_q8_slices;
-    d["tuning"] = tun;
+    d["tuning"] = tuning_dict(tuning());
     return d;
   });
   // Kernel variants chosen by CPU (cpu/isa.h Tuning): tests run each on any machine. Returns the previous
@@ -341,10 +345,7 @@ PYBIND11_MODULE(_core, m) {
                                   std::to_string(t.avx512_fp32_chunk_rows));
     if (!q8_slices.is_none()) t.avx512_q8_slices = q8_slices.cast<bool>();
     set_tuning(t);
-    py::dict d;
-    d["avx512_fp32_chunk_rows"] = old.avx512_fp32_chunk_rows;
-    d["avx512_q8_slices"] = old.avx512_q8_slices;
-    return d;
+    return tuning_dict(old);
   }, py::arg("avx512_fp32_chunk_rows") = py::none(), py::arg("avx512_q8_slices") = py::none());
   m.def("isa", []() { return std::string(isa_name(selected_isa())); }, "the instruction set level in use");
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); });

@@ -187,8 +187,8 @@ def test_blocked_batches_against_rows(isa, dtype, K, tuning):
     """The blocked layout at the row counts of batched decoding and prefill, where the kernels walk the weights in
     chunks of K with partial sums kept between them (AVX2 fp32 from 4 rows, fp16/bf16 from 2 to 64; AVX-512
     fp32 from 16 or 24 to 48, by `tuning`), and at the counts around those bounds that take other tiles: K
-    below, at, just past and many times a chunk, a ragged last column block, bias and accumulate. Every row equals the
-    same row computed alone (which takes the one-row path) bit for bit, and the numpy reference."""
+    below, at, just past and many times a chunk, a ragged last column block, bias and accumulate. Every row
+    equals the same row computed alone (which takes the one-row path) bit for bit, and the numpy reference."""
     rng = np.random.default_rng(K)
     N = 200
     w, b = rng.standard_normal((K, N), dtype=np.float32), rng.standard_normal(N).astype(np.float32)

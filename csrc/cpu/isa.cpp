@@ -28,6 +28,7 @@ CpuFeatures detect() {
 #ifdef GPTCPP_X86
   unsigned int a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const unsigned int signature = a;  // family, model, stepping
   const bool osxsave = c & (1u << 27);
   const bool cpu_fma = c & (1u << 12), cpu_f16c = c & (1u << 29), cpu_avx = c & (1u << 28);
   unsigned long long xcr0 = osxsave ? read_xcr0() : 0;
@@ -54,8 +55,8 @@ CpuFeatures detect() {
   unsigned int vendor[3];
   __cpuid(0, a, vendor[0], vendor[2], vendor[1]);
   const bool amd = std::memcmp(vendor, "AuthenticAMD", 12) == 0;
-  __cpuid(1, a, b, c, d);
-  const unsigned int family = ((a >> 8) & 0xf) == 0xf ? 0xf + ((a >> 20) & 0xff) : (a >> 8) & 0xf;
+  const unsigned int base_family = (signature >> 8) & 0xf;
+  const unsigned int family = base_family == 0xf ? 0xf + ((signature >> 20) & 0xff) : base_family;
   f.amd_zen4 = amd && family == 0x19 && f.avx512f;
   char brand[49] = {0};
   if (__get_cpuid_max(0x80000000, nullptr) >= 0x80000004) {
