@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -617,7 +618,9 @@ PYBIND11_MODULE(_core, m) {
   });
   // stealing_ranges: units [0, n) shared by `threads` threads in chunks of `chunk` (cpu/parallel.h), thread 0
   // spinning `slow_us` microseconds before each of its ranges; returns how often each unit ran and how many
-  // units each thread ran.
+  // units each thread ran. With slow_us, thread 0 starts only once every thread of the team has (or after a
+  // second): on a busy host the others could otherwise start after it had done most of its share, and nothing
+  // would be left to move.
   k.def("stealing_ranges", [](int64_t n, int64_t chunk, int threads, double slow_us) {
     if (n < 0 || threads < 1) throw std::invalid_argument("n >= 0 and threads >= 1 please");
     py::array_t<int32_t> runs(n), per_thread(threads);
@@ -628,9 +631,16 @@ PYBIND11_MODULE(_core, m) {
     {
       py::gil_scoped_release release;
       StealingRanges ranges(n, chunk, threads);
+      std::atomic<int> started{0};
 #pragma omp parallel num_threads(threads)
       {
         const int t = thread_index(), nt = thread_count();
+        started.fetch_add(1);
+        if (t == 0 && slow_us > 0) {
+          const auto t0 = std::chrono::steady_clock::now();
+          while (started.load() < nt && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(1)) {
+          }
+        }
         ranges.run(t, nt, [&](int64_t b, int64_t e) {
           if (t == 0) {
             const auto t0 = std::chrono::steady_clock::now();
