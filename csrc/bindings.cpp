@@ -326,6 +326,7 @@ PYBIND11_MODULE(_core, m) {
     feats["avx2"] = f.avx2; feats["fma"] = f.fma; feats["f16c"] = f.f16c; feats["avx512f"] = f.avx512f;
     feats["avx512bw"] = f.avx512bw; feats["avx512vl"] = f.avx512vl; feats["avx512dq"] = f.avx512dq;
     feats["avx512_vnni"] = f.avx512_vnni; feats["avx512_bf16"] = f.avx512_bf16; feats["avx_vnni"] = f.avx_vnni;
+    feats["amx"] = f.amx;
     d["features"] = feats;
     py::list sup;
     for (Isa i : supported_isas()) sup.append(isa_name(i));

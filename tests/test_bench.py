@@ -167,4 +167,5 @@ def test_bench_openvino_quick(tmp_path):
 def test_format_compute_factor():
     assert format_compute_factor("fp32", "avx512-bf16") == 1 and format_compute_factor("fp16", "avx512-bf16") == 1
     assert format_compute_factor("bf16", "avx512-bf16") == 2 and format_compute_factor("bf16", "avx512-vnni") == 1
+    assert format_compute_factor("bf16", "avx512-amx") == 2 and format_compute_factor("int8", "avx512-amx") == 4
     assert format_compute_factor("int8", "avx2-vnni") == 4 and format_compute_factor("int4", "avx512") == 1

@@ -21,9 +21,9 @@ def stored(w, dtype):
     return b, bf16_to_f32(b).astype(np.float64)
 
 
-# Levels that multiply bf16 weights by activations rounded to bf16 (vdpbf16ps); the others widen the weights
+# Levels that multiply bf16 weights by activations rounded to bf16 (vdpbf16ps, AMX tiles); the others widen the weights
 # and compute in float32.
-BF16_DOT_LEVELS = {"avx512-bf16"}
+BF16_DOT_LEVELS = {"avx512-bf16", "avx512-amx"}
 
 
 def activations_as_computed(a, isa, dtype):

@@ -55,7 +55,7 @@ def test_unknown_level_is_refused():
 
 
 def test_only_the_isa_kernels_use_avx():
-    """Everything but the per-level kernel functions (avx2, avx2-vnni, avx512, avx512-vnni, avx512-bf16) is built for baseline x86-64: disassembling the
+    """Everything but the per-level kernel functions (avx2 ... avx512-amx) is built for baseline x86-64: disassembling the
     module finds no VEX/EVEX instruction and no YMM/ZMM/mask register outside them."""
     if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
         pytest.skip("x86-64 Linux only")

@@ -8,6 +8,13 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
+#endif
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <sys/syscall.h>
+#include <unistd.h>
+#define GPTCPP_LINUX_X86 1
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
 #define GPTCPP_X86 1
 #endif
 
@@ -22,6 +29,17 @@ unsigned long long read_xcr0() {
   return (static_cast<unsigned long long>(edx) << 32) | eax;
 }
 #endif
+
+// Linux hands out the 8 KB tile state only to processes that ask (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA);
+// the grant covers every thread of the process, those started later too.
+bool amx_permitted() {
+#ifdef GPTCPP_LINUX_X86
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -50,6 +68,9 @@ CpuFeatures detect() {
     __cpuid_count(7, 1, a1, b1, c1, d1);
     f.avx_vnni = avx_ok && (a1 & (1u << 4));
     f.avx512_bf16 = f.avx512f && (a1 & (1u << 5));
+    // AMX: tile, bf16 and int8 (leaf 7 edx bits 24, 22, 25), tile config and data state in XCR0 (bits 17, 18).
+    const bool amx_cpu = (d & (1u << 24)) && (d & (1u << 22)) && (d & (1u << 25)) && ((xcr0 >> 17) & 3) == 3;
+    f.amx = f.avx512_bf16 && amx_cpu && amx_permitted();
   }
   // Family 19h is Zen 3 and Zen 4; of them only Zen 4 has AVX-512.
   unsigned int vendor[3];
@@ -90,6 +111,7 @@ bool supports(const CpuFeatures& f, Isa isa) {
     case Isa::avx512: return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
     case Isa::avx512_vnni: return supports(f, Isa::avx512) && f.avx512_vnni;
     case Isa::avx512_bf16: return supports(f, Isa::avx512_vnni) && f.avx512_bf16;
+    case Isa::avx512_amx: return supports(f, Isa::avx512_bf16) && f.amx;
   }
   return false;
 }
@@ -152,11 +174,13 @@ const char* isa_name(Isa isa) {
     case Isa::avx512: return "avx512";
     case Isa::avx512_vnni: return "avx512-vnni";
     case Isa::avx512_bf16: return "avx512-bf16";
+    case Isa::avx512_amx: return "avx512-amx";
   }
   return "?";
 }
 
-constexpr Isa kAllIsas[] = {Isa::generic, Isa::avx2, Isa::avx2_vnni, Isa::avx512, Isa::avx512_vnni, Isa::avx512_bf16};
+constexpr Isa kAllIsas[] = {Isa::generic, Isa::avx2, Isa::avx2_vnni, Isa::avx512, Isa::avx512_vnni, Isa::avx512_bf16,
+                               Isa::avx512_amx};
 
 std::vector<Isa> all_isas() { return std::vector<Isa>(std::begin(kAllIsas), std::end(kAllIsas)); }
 

@@ -10,13 +10,16 @@ namespace gptcpp {
 // its name says: avx2 is AVX2 + FMA + F16C, avx512 adds F/BW/VL/DQ, the -vnni levels add the int8 dot
 // product (AVX-VNNI on 256-bit registers, AVX512-VNNI), avx512-bf16 adds the bf16 dot product (AVX512-BF16) to
 // avx512-vnni (Cooper Lake, Sapphire Rapids and later, Zen 4 and later have both). avx512 does not imply
-// avx2-vnni (Skylake-SP has the first and not the second), so each level is checked on its own.
-enum class Isa { generic = 0, avx2 = 1, avx2_vnni = 2, avx512 = 3, avx512_vnni = 4, avx512_bf16 = 5 };
+// avx2-vnni (Skylake-SP has the first and not the second), so each level is checked on its own. avx512-amx adds
+// AMX tiles with their bf16 and int8 products (Sapphire Rapids and later) to avx512-bf16, where the OS lets the
+// process use them (Linux grants the tile state on request: arch_prctl, asked once at detection).
+enum class Isa { generic = 0, avx2 = 1, avx2_vnni = 2, avx512 = 3, avx512_vnni = 4, avx512_bf16 = 5, avx512_amx = 6 };
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512_vnni = false, avx512_bf16 = false, avx_vnni = false;
+  bool amx = false;  // AMX-TILE, AMX-BF16 and AMX-INT8, their state enabled in XCR0 and granted to this process
   bool amd_zen4 = false;  // AMD family 19h with AVX-512: 512-bit operations in two 256-bit halves, a 32 KB L1D
   std::string brand;
 };

@@ -18,6 +18,7 @@ extern const KernelTable avx2_vnni_kernels;
 extern const KernelTable avx512_kernels;
 extern const KernelTable avx512_vnni_kernels;
 extern const KernelTable avx512_bf16_kernels;
+extern const KernelTable avx512_amx_kernels;
 #endif
 
 const KernelTable& kernels_for(Isa isa) {
@@ -29,6 +30,7 @@ const KernelTable& kernels_for(Isa isa) {
     case Isa::avx512: return avx512_kernels;
     case Isa::avx512_vnni: return avx512_vnni_kernels;
     case Isa::avx512_bf16: return avx512_bf16_kernels;
+    case Isa::avx512_amx: return avx512_amx_kernels;
 #endif
     default: break;
   }

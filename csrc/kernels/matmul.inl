@@ -674,6 +674,101 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
   });
 }
 
+// bf16 weights on the avx512-amx level: the same rounded activations as bf16_dot_matmul, multiplied by AMX tiles
+// (cpu/tiles_amx.h) at every M, decoding included, so that a row's result still does not depend on what it is
+// batched with. Each output element is the sum over k chunks of 32 in order from zero, each chunk's 32
+// products added by tdpbf16ps (which sums a chunk more exactly than a chain of vdpbf16ps: its bits differ from
+// bf16_dot_matmul's, its error against float64 was a quarter of theirs), then + bias, then + out. Each thread
+// takes whole 64-column blocks, lays a block's weights out in pairs once (Tiles::pack_bf16_pairs, in its own
+// scratch) and runs every row against it; rows go in 16-row tiles, the activations zero-padded to a multiple
+// of 16 rows and of 32 k.
+template <class TL, class D>
+void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool blocked, const float* bias, int M,
+                      int K, int N, int ldi, int ldo, int ldw, bool accumulate, bool team) {
+  const int K32 = (K + 31) & ~31, chunks = K32 / 32, M16 = (M + 15) & ~15;
+  const int lda = K32;
+  uint16_t* a16 = reinterpret_cast<uint16_t*>(scratch_floats(static_cast<int64_t>(M16) * lda / 2, 2));
+  auto round_rows = [&](int m0, int m1) {
+    for (int m = m0; m < m1; ++m) {
+      uint16_t* row = a16 + static_cast<int64_t>(m) * lda;
+      if (m < M) {
+        D::round_row(row, inp + static_cast<int64_t>(m) * ldi, K);
+        std::memset(row + K, 0, (lda - K) * sizeof(uint16_t));
+      } else {
+        std::memset(row, 0, lda * sizeof(uint16_t));
+      }
+    }
+  };
+  const bool round_first = static_cast<int64_t>(M) * K <= 65536;
+  if (round_first) round_rows(0, M16);
+  // Rows m0 .. m0 + rows - 1 of out, columns c0 .. c0 + cols - 1, from a tile of sums c (ldc floats a row, nv
+  // vectors of them used), + bias, + out where accumulating.
+  auto store_rows = [&](const float* c, int m0, int rows, int ldc, int nv, int c0, int cols) {
+    for (int i = 0; i < rows; ++i) {
+      R acc[4];
+      for (int j = 0; j < nv; ++j) acc[j] = Vec::load(c + i * ldc + j * W);
+      for (int j = 0; j < nv; j += 2) D::columns(acc[j], acc[j + 1]);  // the weight tiles' column order
+      if (nv == 2)
+        store_sums<2>(out + static_cast<int64_t>(m0 + i) * ldo, acc, bias, c0, cols, accumulate);
+      else
+        store_sums<4>(out + static_cast<int64_t>(m0 + i) * ldo, acc, bias, c0, cols, accumulate);
+    }
+  };
+  const int nb = (N + BLOCK_COLS - 1) / BLOCK_COLS;
+  parallel_region_if(team && static_cast<int64_t>(M) * K * N > 32768, [&](int t, int nt) {
+    if (!round_first) {
+      round_rows(static_cast<int>(static_cast<int64_t>(M16) * t / nt), static_cast<int>(static_cast<int64_t>(M16) * (t + 1) / nt));
+      if (nt > 1) {
+#pragma omp barrier
+      }
+    }
+    const int b0 = static_cast<int>(static_cast<int64_t>(nb) * t / nt);
+    const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
+    if (b0 >= b1) return;
+    // Slot 0 (matmul internals): the packed block, then a 32 x 64 float tile of sums.
+    float* scratch = scratch_floats(static_cast<int64_t>(K32) * BLOCK_COLS / 2 + 32 * 64 + 16, 0);
+    uint16_t* wpack = reinterpret_cast<uint16_t*>(scratch);
+    float* cbuf = scratch + static_cast<int64_t>(K32) * BLOCK_COLS / 2;
+    TL::configure();
+    for (int b = b0; b < b1; ++b) {
+      const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
+      const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
+      const int64_t ldb = blocked ? BLOCK_COLS : ldw;
+      const int wcols = blocked ? BLOCK_COLS : ncols;
+      if (M16 == 16) {
+        // One tile of rows (decoding, batches up to 16): each chunk is laid out just before it is used, so
+        // that reading the weights from memory overlaps the tile products of the chunk before.
+        TL::zero_sums();
+        for (int ch = 0; ch < chunks; ++ch) {
+          if (blocked) prefetch_ahead(w + static_cast<int64_t>(ch) * 32 * BLOCK_COLS, 32 * BLOCK_COLS * 2);
+          TL::pack_bf16_chunk(wpack, w, ldb, ch * 32, K, wcols);
+          TL::bf16_chunk_rows16(a16 + ch * 32, lda, wpack);
+        }
+        TL::store_rows16(cbuf);
+        store_rows(cbuf, 0, M, 64, 4, n0, ncols);
+        continue;
+      }
+      for (int ch = 0; ch < chunks; ++ch)
+        TL::pack_bf16_chunk(wpack + static_cast<int64_t>(ch) * 16 * 128, w, ldb, ch * 32, K, wcols);
+      int m = 0;
+      for (; m + 32 <= M16; m += 32) {
+        for (int j0 = 0; j0 < 4 && 16 * j0 < ncols; j0 += 2) {
+          TL::bf16_rows32(cbuf, a16 + static_cast<int64_t>(m) * lda, lda, wpack, j0, chunks);
+          store_rows(cbuf, m, M - m < 32 ? M - m : 32, 32, 2, n0 + 16 * j0, ncols - 16 * j0 < 32 ? ncols - 16 * j0 : 32);
+        }
+      }
+      if (m < M) {  // a last tile of 16 rows
+        TL::zero_sums();
+        for (int ch = 0; ch < chunks; ++ch)
+          TL::bf16_chunk_rows16(a16 + static_cast<int64_t>(m) * lda + ch * 32, lda, wpack + static_cast<int64_t>(ch) * 16 * 128);
+        TL::store_rows16(cbuf);
+        store_rows(cbuf, m, M - m, 64, 4, n0, ncols);
+      }
+    }
+    TL::release();
+  });
+}
+
 // The LM head over a row-major bf16 table [N, K] (matmul_nt_forward) with bf16 pairs: each element a dot
 // product along k in lanes of 16 pairs, reduced in a fixed order, from activations rounded as above.
 template <class D>
@@ -708,7 +803,9 @@ void bf16_dot_nt(float* out, const float* inp, const uint16_t* weight, int M, in
 template <class WR>
 void matmul_impl(float* out, const float* inp, const typename WR::T* weight, bool blocked, const float* bias,
                  int M, int K, int N, int ldi, int ldo, int ldw, bool accumulate, bool team = true) {
-  if constexpr (std::is_same_v<WR, BF16W> && BDot::available)
+  if constexpr (std::is_same_v<WR, BF16W> && Tiles::available)
+    return bf16_tile_matmul<Tiles, BDot>(out, inp, weight, blocked, bias, M, K, N, ldi, ldo, ldw, accumulate, team);
+  else if constexpr (std::is_same_v<WR, BF16W> && BDot::available)
     return bf16_dot_matmul<BDot>(out, inp, weight, blocked, bias, M, K, N, ldi, ldo, ldw, accumulate, team);
   constexpr int NB = NV * W;
   const int nblocks = (N + NB - 1) / NB;

@@ -587,9 +587,9 @@ def format_compute_factor(dtype: str, isa: str) -> int:
     """A format's prefill compute peak as a multiple of float32 GEMM's on the same cores: bf16 where the level
     multiplies bf16 pairs (two products an instruction where an FMA has one), int8 / int4 where it has VNNI (four
     byte products a lane); 1 where the format is widened to float32 or multiplied without a dot product."""
-    if dtype == "bf16" and isa == "avx512-bf16":
+    if dtype == "bf16" and isa in ("avx512-bf16", "avx512-amx"):
         return 2
-    if dtype in ("int8", "int4") and isa in ("avx2-vnni", "avx512-vnni", "avx512-bf16"):
+    if dtype in ("int8", "int4") and isa in ("avx2-vnni", "avx512-vnni", "avx512-bf16", "avx512-amx"):
         return 4
     return 1
 

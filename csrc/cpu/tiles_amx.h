@@ -1,0 +1,114 @@
+// AMX tiles (the avx512-amx level): eight 2-D registers of up to 16 rows x 64 bytes, multiplied by a unit beside
+// the vector registers: tdpbf16ps adds a [16 x 32] bf16 tile times a [32 x 16] one (stored as 16 rows of 16
+// column pairs, k and k + 1 of a column side by side) into a [16 x 16] float32 tile, 8,192 products an
+// instruction where vdpbf16ps makes 32 (on the first CPU measured, 8 x the products per second). Tile numbers are part of the instruction, so the kernels here name them.
+// Included by every kernel set after its vec header; `available` only where the file is built with AMX.
+#pragma once
+#include <cstdint>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#endif
+
+namespace gptcpp {
+namespace GPTCPP_ISA_NS {
+
+struct Tiles {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  static constexpr bool available = true;
+  // Every tile 16 rows x 64 bytes (palette 1). Tiles 0-3 hold sums, 4-5 activations, 6-7 weights.
+  static inline void configure() {
+    struct alignas(64) Config {
+      uint8_t palette, start_row, reserved[14];
+      uint16_t colsb[16];
+      uint8_t rows[16];
+    } c = {};
+    c.palette = 1;
+    for (int i = 0; i < 8; ++i) {
+      c.colsb[i] = 64;
+      c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+  }
+  // Back to the init state, so that a context switch does not save 8 KB of tile data.
+  static inline void release() { _tile_release(); }
+
+  // One k chunk (32 k from k0) of a 64-column block of bf16 weights in tile order: dst[kp][64][2] for the chunk's
+  // 16 k pairs, each column's k = 2 kp and 2 kp + 1 side by side; src rows are ldb apart, only the first ncols
+  // columns and the rows below K are read, the rest are zeros. The pairs come in vpunpck's column order (one
+  // instruction for 16 pairs, where putting them in order took a three-op permute that cost decoding a third):
+  // weight tile j (at dst + 32 j, rows 256 bytes apart) holds columns 32 (j / 2) + {0-3, 8-11, 16-19, 24-27}
+  // for even j and + {4-7, 12-15, 20-23, 28-31} for odd j, and BDot::columns puts a pair of tiles' sums back.
+  static inline void pack_bf16_chunk(uint16_t* dst, const uint16_t* src, int64_t ldb, int k0, int K, int ncols) {
+    const __mmask32 m0 = ncols >= 32 ? ~0u : (1u << ncols) - 1u;
+    const __mmask32 m1 = ncols >= 64 ? ~0u : ncols <= 32 ? 0u : (1u << (ncols - 32)) - 1u;
+    const __m512i zero = _mm512_setzero_si512();
+    for (int k = k0; k < k0 + 32; k += 2, dst += 128) {
+      const uint16_t* r0 = src + static_cast<int64_t>(k) * ldb;
+      const uint16_t* r1 = r0 + ldb;
+      const __m512i a0 = k < K ? _mm512_maskz_loadu_epi16(m0, r0) : zero;
+      const __m512i a1 = k < K ? _mm512_maskz_loadu_epi16(m1, r0 + 32) : zero;
+      const __m512i b0 = k + 1 < K ? _mm512_maskz_loadu_epi16(m0, r1) : zero;
+      const __m512i b1 = k + 1 < K ? _mm512_maskz_loadu_epi16(m1, r1 + 32) : zero;
+      _mm512_store_si512(dst, _mm512_unpacklo_epi16(a0, b0));
+      _mm512_store_si512(dst + 32, _mm512_unpackhi_epi16(a0, b0));
+      _mm512_store_si512(dst + 64, _mm512_unpacklo_epi16(a1, b1));
+      _mm512_store_si512(dst + 96, _mm512_unpackhi_epi16(a1, b1));
+    }
+  }
+
+  static inline void zero_sums() {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  // One k chunk for 16 rows of activations a (bf16, lda apart) against all 64 columns of a packed chunk w.
+  static inline void bf16_chunk_rows16(const uint16_t* a, int lda, const uint16_t* w) {
+    const int64_t as = static_cast<int64_t>(lda) * 2;
+    _tile_loadd(4, a, as);
+    _tile_loadd(6, w, 256);
+    _tile_loadd(7, w + 32, 256);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(6, w + 64, 256);
+    _tile_loadd(7, w + 96, 256);
+    _tile_dpbf16ps(2, 4, 6);
+    _tile_dpbf16ps(3, 4, 7);
+  }
+  // Sums of bf16_chunk_rows16 to c [16][64] floats.
+  static inline void store_rows16(float* c) {
+    _tile_stored(0, c, 256);
+    _tile_stored(1, c + 16, 256);
+    _tile_stored(2, c + 32, 256);
+    _tile_stored(3, c + 48, 256);
+  }
+
+  // Sums over `chunks` k chunks of 32, in order from zero, of activations a (bf16 rows lda apart, 32 chunks
+  // wide) against a packed block w (pack_bf16_chunk for every chunk, one after the other): 2 x 2 tiles, rows 0-31 x columns 16 j0 .. 16 j0 + 31,
+  // stored to c [32][32] floats.
+  static inline void bf16_rows32(float* c, const uint16_t* a, int lda, const uint16_t* w, int j0, int chunks) {
+    zero_sums();
+    const int64_t as = static_cast<int64_t>(lda) * 2;
+    for (int ch = 0; ch < chunks; ++ch) {
+      const uint16_t* wc = w + static_cast<int64_t>(ch) * 16 * 128 + j0 * 32;
+      _tile_loadd(4, a + ch * 32, as);
+      _tile_loadd(5, a + 16 * static_cast<int64_t>(lda) + ch * 32, as);
+      _tile_loadd(6, wc, 256);
+      _tile_loadd(7, wc + 32, 256);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(1, c + 16, 128);
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+#else
+  static constexpr bool available = false;
+#endif
+};
+
+}  // namespace GPTCPP_ISA_NS
+}  // namespace gptcpp
