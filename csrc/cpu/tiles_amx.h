@@ -5,7 +5,7 @@
 // Included by every kernel set after its vec header; `available` only where the file is built with AMX.
 #pragma once
 #include <cstdint>
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
 #include <immintrin.h>
 #endif
 
@@ -13,7 +13,7 @@ namespace gptcpp {
 namespace GPTCPP_ISA_NS {
 
 struct Tiles {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
   static constexpr bool available = true;
   // Every tile 16 rows x 64 bytes (palette 1). Tiles 0-3 hold sums, 4-5 activations, 6-7 weights.
   static inline void configure() {
@@ -104,6 +104,72 @@ struct Tiles {
     _tile_stored(1, c + 16, 128);
     _tile_stored(2, c + 16 * 32, 128);
     _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+
+  // int8 (the grouped format of qmatmul.inl): tiles 0-3 hold int32 sums (16 rows x 16 columns), 4-5 activations
+  // (16 rows x 32 bytes: one group of 32 k), 6-7 weights (8 rows x 64 bytes: the format's [64][4] quad rows,
+  // 16 columns of 4 k, as they are stored).
+  static inline void configure_q8() {
+    struct alignas(64) Config {
+      uint8_t palette, start_row, reserved[14];
+      uint16_t colsb[16];
+      uint8_t rows[16];
+    } c = {};
+    c.palette = 1;
+    for (int i = 0; i < 4; ++i) {
+      c.colsb[i] = 64;
+      c.rows[i] = 16;
+    }
+    for (int i = 4; i < 6; ++i) {
+      c.colsb[i] = 32;
+      c.rows[i] = 16;
+    }
+    for (int i = 6; i < 8; ++i) {
+      c.colsb[i] = 64;
+      c.rows[i] = 8;
+    }
+    _tile_loadconfig(&c);
+  }
+  // One group's exact int32 sums for 16 rows of activations a (int8, lda bytes apart, the group's 32 bytes
+  // each) against 32 columns of the group's 8 quad rows w (a 64-column block's rows, 256 bytes apart), stored
+  // to c [16][32]. Weights signed (int8: tdpbssd) or, with UNSIGNED_W, unsigned (int4's value + 8: tdpbsud).
+  // Calls alternate P = 0, 1 between two pairs of sum tiles and two activation tiles, so that a group's
+  // products need not wait for the group before to leave its tiles (stores are the slow part here).
+  // (The intrinsics paste their tile numbers into the instruction's text: they must be literals.)
+#define GPTCPP_Q8_GROUP_HALF(C0, C1, A, DP)  \
+  _tile_zero(C0);                            \
+  _tile_zero(C1);                            \
+  _tile_loadd(A, a, lda);                    \
+  _tile_loadd(6, w, 256);                    \
+  _tile_loadd(7, w + 64, 256);               \
+  DP(C0, A, 6);                              \
+  DP(C1, A, 7);                              \
+  _tile_stored(C0, c, 128);                  \
+  _tile_stored(C1, c + 16, 128);
+  template <bool UNSIGNED_W, int P>
+  static inline void q8_group_half(int32_t* c, const int8_t* a, int lda, const int8_t* w) {
+    if constexpr (P == 0 && UNSIGNED_W) {
+      GPTCPP_Q8_GROUP_HALF(0, 1, 4, _tile_dpbsud)
+    } else if constexpr (P == 0) {
+      GPTCPP_Q8_GROUP_HALF(0, 1, 4, _tile_dpbssd)
+    } else if constexpr (UNSIGNED_W) {
+      GPTCPP_Q8_GROUP_HALF(2, 3, 5, _tile_dpbsud)
+    } else {
+      GPTCPP_Q8_GROUP_HALF(2, 3, 5, _tile_dpbssd)
+    }
+  }
+#undef GPTCPP_Q8_GROUP_HALF
+
+  // int4 weights as the bytes tdpbsud takes: nibble row p of a block (256 bytes, qmatmul.inl's layout) holds
+  // quads 2p (low nibbles) and 2p + 1 (high), value + 8; dst gets them as quad rows 2p and 2p + 1.
+  static inline void unpack_nibbles(int8_t* dst, const uint8_t* src, int nibble_rows) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int p = 0; p < nibble_rows; ++p, src += 256, dst += 512)
+      for (int j = 0; j < 256; j += 64) {
+        const __m512i raw = _mm512_loadu_si512(src + j);
+        _mm512_storeu_si512(dst + j, _mm512_and_si512(raw, low));
+        _mm512_storeu_si512(dst + 256 + j, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+      }
   }
 #else
   static constexpr bool available = false;

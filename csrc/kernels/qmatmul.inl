@@ -112,6 +112,23 @@ struct QRows {
   }
 };
 
+// A row's epilogue: + the outlier channels' float32 products (in channel order), then matmul.inl's: + bias, + out.
+// acc: CV registers of the row's float sums, columns n0 ..; i: the row within x.
+template <int CV>
+inline void q8_finish(float* out_row, R* acc, const QRows& x, int i, const float* bias, int n0, int ncols,
+                      bool accumulate) {
+  for (int j = 0; j < CV; ++j) {
+    const int rem = ncols - j * L;
+    if (rem <= 0) break;
+    for (int e = 0; e < x.n_out; ++e) {
+      const uint16_t* wr = x.wo + static_cast<int64_t>(e) * x.N + n0 + j * L;
+      acc[j] = Vec::fma(Vec::set1(x.xo[static_cast<int64_t>(i) * x.n_out + e]),
+                        rem >= L ? Vec::load_f16(wr) : Vec::load_f16_partial(wr, rem), acc[j]);
+    }
+  }
+  matmul_detail::store_sums<CV>(out_row, acc, bias, n0, ncols, accumulate);
+}
+
 // ROWS rows of out against CV registers of columns of one block (columns c .. c + CV*L - 1 of the block,
 // n0 the first's index in out); float sums in registers across the groups, int32 sums per group. BITS: the
 // weights are int8, int4 or int6 (see the layouts above).
@@ -238,19 +255,7 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
       for (int j = 0; j < CV; ++j) Vec::store(partial + i * UNIT + j * L, acc[i][j]);
     return;
   }
-  // Epilogue: + the outlier channels' float32 products (in channel order), then matmul.inl's: + bias, + out.
-  for (int i = 0; i < ROWS; ++i) {
-    for (int j = 0; j < CV; ++j) {
-      const int rem = ncols - j * L;
-      if (rem <= 0) break;
-      for (int e = 0; e < x.n_out; ++e) {
-        const uint16_t* wr = x.wo + static_cast<int64_t>(e) * x.N + n0 + j * L;
-        acc[i][j] = Vec::fma(Vec::set1(x.xo[i * x.n_out + e]),
-                             rem >= L ? Vec::load_f16(wr) : Vec::load_f16_partial(wr, rem), acc[i][j]);
-      }
-    }
-    matmul_detail::store_sums<CV>(out + static_cast<int64_t>(i) * ldo, acc[i], bias, n0, ncols, accumulate);
-  }
+  for (int i = 0; i < ROWS; ++i) q8_finish<CV>(out + static_cast<int64_t>(i) * ldo, acc[i], x, i, bias, n0, ncols, accumulate);
 }
 
 // The last rows - m (fewer than ROWS) of a unit, one tile.
@@ -415,10 +420,103 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
   });
 }
 
+// int8 and int4 weights on the avx512-amx level, from AMX_Q8_MIN_M rows: each group's integer sums for 16 rows x
+// 64 columns come from four tile products, the weights' quad rows being already the tiles' layout (int8:
+// tdpbssd, signed by signed bytes; int4: its nibbles laid out as bytes, value + 8, once per block and thread,
+// then tdpbsud with the offset taken off as QDot's paths do); the vector units turn them into the float sums
+// in the same operations and order as q8_tile (acc = fma(float(isum), xs * ws, acc) over the groups, then
+// q8_finish), so the bits are every other level's. The tiles of group g + 1 are issued before group g's sums
+// are scaled, into the other of two buffers, so that the tile unit and the vector units work at once; the
+// float sums of a 16 x 64 tile wait in L1 between groups. (int6, only the int4 format's LM head, which prefill
+// runs for one row, keeps q8_tile.)
+template <class TL, int BITS>
+void q8_tiles_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, const WeightView& w,
+                       const float* bias, int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
+  static_assert(BITS == 8 || BITS == 4, "int8 or int4");
+  constexpr int32_t offset = BITS == 4 ? 8 : 0;
+  const int Kp = x.Kp, groups = Kp / GROUP, nb = (N + BLOCK - 1) / BLOCK;
+  const int8_t* q = static_cast<const int8_t*>(w.data);
+  const uint16_t* s = w.group_scales;
+  int8_t* xq = const_cast<int8_t*>(x.xq);
+  const int M16 = (M + 15) & ~15;
+  std::memset(xq + static_cast<int64_t>(M) * Kp, 0, static_cast<size_t>(M16 - M) * Kp);  // rows the last tile reads
+  parallel_region_if(parallel, [&](int t, int nt) {
+    quantize_rows(xq, const_cast<float*>(x.xs), const_cast<int32_t*>(x.xc), const_cast<float*>(x.xo), inp, skip,
+                  w.outlier_rows, x.n_out, static_cast<int>(static_cast<int64_t>(M) * t / nt),
+                  static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt), K, Kp, ldi);
+    if (nt > 1) {
+#pragma omp barrier
+    }
+    const int b0 = static_cast<int>(static_cast<int64_t>(nb) * t / nt);
+    const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
+    if (b0 >= b1) return;
+    // [16][64] float sums, two [16][32] int32 buffers (in [16][64]'s room), and for int4 the block's weights as bytes [Kp/4][64][4].
+    float* acc = scratch_floats(3 * 16 * BLOCK + (BITS == 4 ? static_cast<int64_t>(Kp) * BLOCK / 4 : 0), 0);
+    int32_t* isum[2] = {reinterpret_cast<int32_t*>(acc + 16 * BLOCK), reinterpret_cast<int32_t*>(acc + 32 * BLOCK)};
+    int8_t* bytes = reinterpret_cast<int8_t*>(acc + 48 * BLOCK);
+    TL::configure_q8();
+    for (int b = b0; b < b1; ++b) {
+      const int n0 = b * BLOCK, ncols = N - n0 < BLOCK ? N - n0 : BLOCK;
+      const int8_t* wb = q + b * block_bytes<BITS>(Kp);
+      const uint16_t* sb = s + static_cast<int64_t>(b) * groups * BLOCK;
+      if constexpr (BITS == 4) {
+        TL::unpack_nibbles(bytes, reinterpret_cast<const uint8_t*>(wb), Kp / 8);
+        wb = bytes;
+      }
+      for (int m0 = 0; m0 < M; m0 += 16) {
+        const int rows = M - m0 < 16 ? M - m0 : 16;
+        const QRows xr = x.from(m0);
+        for (int h = 0; h < 2 && 32 * h < ncols; ++h) {  // halves of the block: 32 columns
+          const int8_t* wh = wb + 128 * h;
+          const int c0 = 32 * h;
+          auto products = [&](int g) {
+            const int8_t* wg = wh + static_cast<int64_t>(g) * QUADS * QUAD_BYTES;
+            if (g & 1)
+              TL::template q8_group_half<BITS == 4, 1>(isum[1], xr.xq + g * GROUP, Kp, wg);
+            else
+              TL::template q8_group_half<BITS == 4, 0>(isum[0], xr.xq + g * GROUP, Kp, wg);
+          };
+          products(0);
+          for (int g = 0; g < groups; ++g) {
+            if (g + 1 < groups) products(g + 1);
+            const int32_t* c = isum[g & 1];
+            const R sw0 = Vec::load_f16(sb + g * BLOCK + c0), sw1 = Vec::load_f16(sb + g * BLOCK + c0 + L);
+            for (int i = 0; i < rows; ++i) {
+              const R sx = Vec::set1(xr.xs[i * groups + g]);
+              const I off = QDot::set1(offset * xr.xc[i * groups + g]);
+              float* a = acc + i * BLOCK + c0;
+              I d0 = QDot::load(reinterpret_cast<const int8_t*>(c + i * 32));
+              I d1 = QDot::load(reinterpret_cast<const int8_t*>(c + i * 32 + L));
+              if constexpr (offset != 0) {
+                d0 = QDot::sub(d0, off);
+                d1 = QDot::sub(d1, off);
+              }
+              const R a0 = g == 0 ? Vec::zero() : Vec::load(a), a1 = g == 0 ? Vec::zero() : Vec::load(a + L);
+              Vec::store(a, Vec::fma(QDot::to_float(d0), Vec::mul(sx, sw0), a0));
+              Vec::store(a + L, Vec::fma(QDot::to_float(d1), Vec::mul(sx, sw1), a1));
+            }
+          }
+        }
+        for (int i = 0; i < rows; ++i) {
+          R r[4];
+          for (int j = 0; j < 4; ++j) r[j] = Vec::load(acc + i * BLOCK + j * L);
+          q8_finish<4>(out + static_cast<int64_t>(m0 + i) * ldo, r, xr, i, bias, n0, ncols, accumulate);
+        }
+      }
+    }
+    TL::release();
+  });
+}
+constexpr int AMX_Q8_MIN_M = 16;
+
 // The tile shapes for M rows of BITS-bit weights (see q8_matmul_forward for the buffers).
 template <int BITS>
 void q8_dispatch(float* out, QRows x, const uint8_t* skip, const float* inp, const WeightView& w, const float* bias,
                  int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
+  if constexpr (BITS != 6 && Tiles::available) {
+    if (M >= AMX_Q8_MIN_M)
+      return q8_tiles_parallel<Tiles, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
+  }
   if (M <= 2) {
     return q8_parallel<1, Q_CV, BITS>(out, x, skip, inp, w, bias, M, K, N, ldi, ldo, accumulate, parallel);
   }
@@ -478,7 +576,8 @@ void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* 
   const int Kp = (K + GROUP - 1) / GROUP * GROUP;
   // Quantized activations in the calling thread's buffer, shared with the team: M*Kp bytes, the scales, the
   // offset corrections, the outlier channels' values, and a byte per channel marking them.
-  const int64_t xq_floats = (static_cast<int64_t>(M) * Kp + 3) / 4, per_group = static_cast<int64_t>(M) * (Kp / GROUP);
+  // (xq has room for M rounded up to 16 rows: AMX tiles read 16 rows at a time.)
+  const int64_t xq_floats = (static_cast<int64_t>((M + 15) & ~15) * Kp + 3) / 4, per_group = static_cast<int64_t>(M) * (Kp / GROUP);
   const int n_out = w.n_outlier_rows;
   const int64_t xo_floats = static_cast<int64_t>(M) * n_out;
   float* buf = scratch_floats(xq_floats + 2 * per_group + xo_floats + (K + 3) / 4, 2);
