@@ -47,11 +47,9 @@ inline void parallel_region_if(bool parallel, F&& body) {
 class StealingRanges {
  public:
   static constexpr int kMaxTeam = 64;
-  StealingRanges(int64_t n, int64_t chunk, int team = next_team_size())
-      : n_(n), chunk_(chunk < 1 ? 1 : chunk), team_(team) {
-    if (team_ > kMaxTeam || n >= (int64_t{1} << 32)) team_ = 0;
-    for (int t = 0; t < team_; ++t) slot(t).store(pack(n * t / team_, n * (t + 1) / team_), std::memory_order_relaxed);
-  }
+  // (The constructor and claim() are defined in portable code, kernels/dispatch.cpp: compiled inline into a
+  // kernel file, a copy with that file's instructions could be the one the linker keeps for every caller.)
+  StealingRanges(int64_t n, int64_t chunk, int team = next_team_size());
   // body(begin, end) for each range of units thread t of the team of nt takes on.
   template <class F>
   void run(int t, int nt, F&& body) {
@@ -64,34 +62,7 @@ class StealingRanges {
   }
 
  private:
-  bool claim(int t, int nt, int64_t& begin, int64_t& end) {
-    for (;;) {
-      uint64_t v = slot(t).load(std::memory_order_relaxed);
-      while (front(v) < back(v)) {  // our own range, from the front
-        const int64_t e = front(v) + chunk_ < back(v) ? front(v) + chunk_ : back(v);
-        if (slot(t).compare_exchange_weak(v, pack(e, back(v)), std::memory_order_relaxed)) {
-          begin = front(v);
-          end = e;
-          return true;
-        }
-      }
-      bool stole = false;
-      for (int i = 1; i < nt && !stole; ++i) {  // the back half of the next range with units left
-        std::atomic<uint64_t>& other = slot((t + i) % nt);
-        uint64_t o = other.load(std::memory_order_relaxed);
-        while (front(o) < back(o)) {
-          const int64_t mid = back(o) - (back(o) - front(o) + 1) / 2;
-          if (other.compare_exchange_weak(o, pack(front(o), mid), std::memory_order_relaxed)) {
-            // Ours is empty, and a thief leaves an empty range alone: nobody else writes it meanwhile.
-            slot(t).store(pack(mid, back(o)), std::memory_order_relaxed);
-            stole = true;
-            break;
-          }
-        }
-      }
-      if (!stole) return false;
-    }
-  }
+  bool claim(int t, int nt, int64_t& begin, int64_t& end);
   static uint64_t pack(int64_t f, int64_t b) { return static_cast<uint64_t>(f) | static_cast<uint64_t>(b) << 32; }
   static int64_t front(uint64_t v) { return static_cast<int64_t>(v & 0xffffffffu); }
   static int64_t back(uint64_t v) { return static_cast<int64_t>(v >> 32); }

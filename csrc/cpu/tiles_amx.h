@@ -15,6 +15,12 @@ namespace GPTCPP_ISA_NS {
 struct Tiles {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
   static constexpr bool available = true;
+  // GCC 12 does not see ldtilecfg read its 64 bytes and dropped the stores of the rows and widths before it (the
+  // tiles then stay unconfigured: SIGILL); the empty asm makes every store to memory happen first.
+  static inline void load_config(const void* c) {
+    __asm__ __volatile__("" : : "r"(c) : "memory");
+    _tile_loadconfig(c);
+  }
   // Every tile 16 rows x 64 bytes (palette 1). Tiles 0-3 hold sums, 4-5 activations, 6-7 weights.
   static inline void configure() {
     struct alignas(64) Config {
@@ -27,7 +33,7 @@ struct Tiles {
       c.colsb[i] = 64;
       c.rows[i] = 16;
     }
-    _tile_loadconfig(&c);
+    load_config(&c);
   }
   // Back to the init state, so that a context switch does not save 8 KB of tile data.
   static inline void release() { _tile_release(); }
@@ -128,7 +134,7 @@ struct Tiles {
       c.colsb[i] = 64;
       c.rows[i] = 8;
     }
-    _tile_loadconfig(&c);
+    load_config(&c);
   }
   // One group's exact int32 sums for 16 rows of activations a (int8, lda bytes apart, the group's 32 bytes
   // each) against 32 columns of the group's 8 quad rows w (a 64-column block's rows, 256 bytes apart), stored

@@ -3,6 +3,7 @@
 #include <new>
 #include <stdexcept>
 
+#include "cpu/parallel.h"
 #include "kernels/kernels.h"
 
 #ifdef _OPENMP
@@ -64,6 +65,41 @@ float* scratch_floats(int64_t n, int slot) {
     buf.size = n;
   }
   return buf.data;
+}
+
+StealingRanges::StealingRanges(int64_t n, int64_t chunk, int team)
+    : n_(n), chunk_(chunk < 1 ? 1 : chunk), team_(team) {
+  if (team_ > kMaxTeam || n >= (int64_t{1} << 32)) team_ = 0;
+  for (int t = 0; t < team_; ++t) slot(t).store(pack(n * t / team_, n * (t + 1) / team_), std::memory_order_relaxed);
+}
+
+bool StealingRanges::claim(int t, int nt, int64_t& begin, int64_t& end) {
+  for (;;) {
+    uint64_t v = slot(t).load(std::memory_order_relaxed);
+    while (front(v) < back(v)) {  // our own range, from the front
+      const int64_t e = front(v) + chunk_ < back(v) ? front(v) + chunk_ : back(v);
+      if (slot(t).compare_exchange_weak(v, pack(e, back(v)), std::memory_order_relaxed)) {
+        begin = front(v);
+        end = e;
+        return true;
+      }
+    }
+    bool stole = false;
+    for (int i = 1; i < nt && !stole; ++i) {  // the back half of the next range with units left
+      std::atomic<uint64_t>& other = slot((t + i) % nt);
+      uint64_t o = other.load(std::memory_order_relaxed);
+      while (front(o) < back(o)) {
+        const int64_t mid = back(o) - (back(o) - front(o) + 1) / 2;
+        if (other.compare_exchange_weak(o, pack(front(o), mid), std::memory_order_relaxed)) {
+          // Ours is empty, and a thief leaves an empty range alone: nobody else writes it meanwhile.
+          slot(t).store(pack(mid, back(o)), std::memory_order_relaxed);
+          stole = true;
+          break;
+        }
+      }
+    }
+    if (!stole) return false;
+  }
 }
 
 }  // namespace gptcpp

@@ -652,7 +652,10 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
   const bool round_first = static_cast<int64_t>(M) * K <= 65536;
   if (round_first) bf16_round_rows<D>(a16, lda, inp, ldi, K, 0, M);
   const int nb = (N + BLOCK_COLS - 1) / BLOCK_COLS;
-  parallel_region_if(team && static_cast<int64_t>(M) * K * N > 32768, [&](int t, int nt) {
+  const bool parallel = team && static_cast<int64_t>(M) * K * N > 32768;
+  // Whole blocks per thread, decoding steps with stealing (STEAL_MAX_M).
+  StealingRanges ranges(nb, M <= STEAL_MAX_M ? 2 : nb, parallel ? next_team_size() : 1);
+  parallel_region_if(parallel, [&](int t, int nt) {
     if (!round_first) {
       bf16_round_rows<D>(a16, lda, inp, ldi, K, static_cast<int>(static_cast<int64_t>(M) * t / nt),
                          static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt));
@@ -660,17 +663,17 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
 #pragma omp barrier
       }
     }
-    const int b0 = static_cast<int>(static_cast<int64_t>(nb) * t / nt);
-    const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
-    for (int b = b0; b < b1; ++b) {
-      const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
-      const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
-      const int64_t ldb = blocked ? BLOCK_COLS : ldw;
-      if (blocked || ncols == BLOCK_COLS)  // a blocked matrix's last block is zero-padded
-        bf16_dot_rows<D, BF16_DOT_ROWS, false>(M, out, a16, lda, w, ldb, K, bias, ldo, n0, ncols, accumulate);
-      else
-        bf16_dot_rows<D, BF16_DOT_ROWS, true>(M, out, a16, lda, w, ldb, K, bias, ldo, n0, ncols, accumulate);
-    }
+    ranges.run(t, nt, [&](int64_t b0, int64_t b1) {
+      for (int b = static_cast<int>(b0); b < b1; ++b) {
+        const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
+        const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
+        const int64_t ldb = blocked ? BLOCK_COLS : ldw;
+        if (blocked || ncols == BLOCK_COLS)  // a blocked matrix's last block is zero-padded
+          bf16_dot_rows<D, BF16_DOT_ROWS, false>(M, out, a16, lda, w, ldb, K, bias, ldo, n0, ncols, accumulate);
+        else
+          bf16_dot_rows<D, BF16_DOT_ROWS, true>(M, out, a16, lda, w, ldb, K, bias, ldo, n0, ncols, accumulate);
+      }
+    });
   });
 }
 
@@ -715,22 +718,23 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
     }
   };
   const int nb = (N + BLOCK_COLS - 1) / BLOCK_COLS;
-  parallel_region_if(team && static_cast<int64_t>(M) * K * N > 32768, [&](int t, int nt) {
+  const bool parallel = team && static_cast<int64_t>(M) * K * N > 32768;
+  // Whole blocks per thread, decoding steps with stealing (STEAL_MAX_M).
+  StealingRanges ranges(nb, M <= STEAL_MAX_M ? 2 : nb, parallel ? next_team_size() : 1);
+  parallel_region_if(parallel, [&](int t, int nt) {
     if (!round_first) {
       round_rows(static_cast<int>(static_cast<int64_t>(M16) * t / nt), static_cast<int>(static_cast<int64_t>(M16) * (t + 1) / nt));
       if (nt > 1) {
 #pragma omp barrier
       }
     }
-    const int b0 = static_cast<int>(static_cast<int64_t>(nb) * t / nt);
-    const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
-    if (b0 >= b1) return;
     // Slot 0 (matmul internals): the packed block, then a 32 x 64 float tile of sums.
     float* scratch = scratch_floats(static_cast<int64_t>(K32) * BLOCK_COLS / 2 + 32 * 64 + 16, 0);
     uint16_t* wpack = reinterpret_cast<uint16_t*>(scratch);
     float* cbuf = scratch + static_cast<int64_t>(K32) * BLOCK_COLS / 2;
     TL::configure();
-    for (int b = b0; b < b1; ++b) {
+    ranges.run(t, nt, [&](int64_t b0, int64_t b1) {
+    for (int b = static_cast<int>(b0); b < b1; ++b) {
       const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
       const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
       const int64_t ldb = blocked ? BLOCK_COLS : ldw;
@@ -765,6 +769,7 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
         store_rows(cbuf, m, M - m, 64, 4, n0, ncols);
       }
     }
+    });
     TL::release();
   });
 }
