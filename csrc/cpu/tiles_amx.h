@@ -22,7 +22,9 @@ struct Tiles {
     _tile_loadconfig(c);
   }
   // Every tile 16 rows x 64 bytes (palette 1). Tiles 0-3 hold sums, 4-5 activations, 6-7 weights.
-  static inline void configure() {
+  // `rows` (1-16): the rows of the sum and activation tiles (0-5); a product's time grows with them, so that
+  // decoding's single row costs a sixteenth of a full tile's (rows are independent: the same bits).
+  static inline void configure(int rows = 16) {
     struct alignas(64) Config {
       uint8_t palette, start_row, reserved[14];
       uint16_t colsb[16];
@@ -31,7 +33,7 @@ struct Tiles {
     c.palette = 1;
     for (int i = 0; i < 8; ++i) {
       c.colsb[i] = 64;
-      c.rows[i] = 16;
+      c.rows[i] = i < 6 ? static_cast<uint8_t>(rows) : 16;
     }
     load_config(&c);
   }

@@ -732,7 +732,7 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
     float* scratch = scratch_floats(static_cast<int64_t>(K32) * BLOCK_COLS / 2 + 32 * 64 + 16, 0);
     uint16_t* wpack = reinterpret_cast<uint16_t*>(scratch);
     float* cbuf = scratch + static_cast<int64_t>(K32) * BLOCK_COLS / 2;
-    TL::configure();
+    TL::configure(M16 == 16 ? M : 16);
     ranges.run(t, nt, [&](int64_t b0, int64_t b1) {
     for (int b = static_cast<int>(b0); b < b1; ++b) {
       const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
