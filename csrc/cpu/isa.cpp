@@ -111,7 +111,12 @@ bool supports(const CpuFeatures& f, Isa isa) {
     case Isa::avx512: return f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
     case Isa::avx512_vnni: return supports(f, Isa::avx512) && f.avx512_vnni;
     case Isa::avx512_bf16: return supports(f, Isa::avx512_vnni) && f.avx512_bf16;
-    case Isa::avx512_amx: return supports(f, Isa::avx512_bf16) && f.amx;
+    case Isa::avx512_amx:
+#ifdef GPTCPP_NO_AMX
+      return false;  // this build's compiler had no AMX
+#else
+      return supports(f, Isa::avx512_bf16) && f.amx;
+#endif
   }
   return false;
 }

@@ -19,7 +19,9 @@ extern const KernelTable avx2_vnni_kernels;
 extern const KernelTable avx512_kernels;
 extern const KernelTable avx512_vnni_kernels;
 extern const KernelTable avx512_bf16_kernels;
+#ifndef GPTCPP_NO_AMX
 extern const KernelTable avx512_amx_kernels;
+#endif
 #endif
 
 const KernelTable& kernels_for(Isa isa) {
@@ -31,7 +33,9 @@ const KernelTable& kernels_for(Isa isa) {
     case Isa::avx512: return avx512_kernels;
     case Isa::avx512_vnni: return avx512_vnni_kernels;
     case Isa::avx512_bf16: return avx512_bf16_kernels;
+#ifndef GPTCPP_NO_AMX
     case Isa::avx512_amx: return avx512_amx_kernels;
+#endif
 #endif
     default: break;
   }
