@@ -1,7 +1,9 @@
 // AMX tiles (the avx512-amx level): eight 2-D registers of up to 16 rows x 64 bytes, multiplied by a unit beside
 // the vector registers: tdpbf16ps adds a [16 x 32] bf16 tile times a [32 x 16] one (stored as 16 rows of 16
 // column pairs, k and k + 1 of a column side by side) into a [16 x 16] float32 tile, 8,192 products an
-// instruction where vdpbf16ps makes 32 (on the first CPU measured, 8 x the products per second). Tile numbers are part of the instruction, so the kernels here name them.
+// instruction where vdpbf16ps makes 32 (on one core of the first CPU measured, one every 4.7-4.9 ns: 3.4
+// TFLOP/s; the K = 32 int8 products of a quantization group take as long). Tile numbers are part of the
+// instruction, so the kernels here name them.
 // Included by every kernel set after its vec header; `available` only where the file is built with AMX.
 #pragma once
 #include <cstdint>
@@ -92,8 +94,8 @@ struct Tiles {
   }
 
   // Sums over `chunks` k chunks of 32, in order from zero, of activations a (bf16 rows lda apart, 32 chunks
-  // wide) against a packed block w (pack_bf16_chunk for every chunk, one after the other): 2 x 2 tiles, rows 0-31 x columns 16 j0 .. 16 j0 + 31,
-  // stored to c [32][32] floats.
+  // wide) against a packed block w (pack_bf16_chunk for every chunk, one after the other): 2 x 2 tiles, rows
+  // 0-31 x weight tiles j0 and j0 + 1, stored to c [32][32] floats (the columns in the weight tiles' order).
   static inline void bf16_rows32(float* c, const uint16_t* a, int lda, const uint16_t* w, int j0, int chunks) {
     zero_sums();
     const int64_t as = static_cast<int64_t>(lda) * 2;

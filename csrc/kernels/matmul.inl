@@ -682,9 +682,10 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
 // batched with. Each output element is the sum over k chunks of 32 in order from zero, each chunk's 32
 // products added by tdpbf16ps (which sums a chunk more exactly than a chain of vdpbf16ps: its bits differ from
 // bf16_dot_matmul's, its error against float64 was a quarter of theirs), then + bias, then + out. Each thread
-// takes whole 64-column blocks, lays a block's weights out in pairs once (Tiles::pack_bf16_pairs, in its own
-// scratch) and runs every row against it; rows go in 16-row tiles, the activations zero-padded to a multiple
-// of 16 rows and of 32 k.
+// takes whole 64-column blocks and lays a block's weights out in k pairs (Tiles::pack_bf16_chunk, in its own
+// scratch): up to 16 rows a chunk at a time just before its products, more rows the whole block once, which
+// every pair of 16-row tiles then runs against. The activations are zero-padded to a multiple of 16 rows and
+// of 32 k; up to 16 rows, the tiles are configured with M rows (a product's time grows with its rows).
 template <class TL, class D>
 void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool blocked, const float* bias, int M,
                       int K, int N, int ldi, int ldo, int ldw, bool accumulate, bool team) {
@@ -723,52 +724,55 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
   StealingRanges ranges(nb, M <= STEAL_MAX_M ? 2 : nb, parallel ? next_team_size() : 1);
   parallel_region_if(parallel, [&](int t, int nt) {
     if (!round_first) {
-      round_rows(static_cast<int>(static_cast<int64_t>(M16) * t / nt), static_cast<int>(static_cast<int64_t>(M16) * (t + 1) / nt));
+      round_rows(static_cast<int>(static_cast<int64_t>(M16) * t / nt),
+                 static_cast<int>(static_cast<int64_t>(M16) * (t + 1) / nt));
       if (nt > 1) {
 #pragma omp barrier
       }
     }
-    // Slot 0 (matmul internals): the packed block, then a 32 x 64 float tile of sums.
-    float* scratch = scratch_floats(static_cast<int64_t>(K32) * BLOCK_COLS / 2 + 32 * 64 + 16, 0);
+    // Slot 0 (matmul internals): the packed block, then a tile of sums (32 x 32 or 16 x 64 floats).
+    float* scratch = scratch_floats(static_cast<int64_t>(K32) * BLOCK_COLS / 2 + 32 * 32, 0);
     uint16_t* wpack = reinterpret_cast<uint16_t*>(scratch);
     float* cbuf = scratch + static_cast<int64_t>(K32) * BLOCK_COLS / 2;
     TL::configure(M16 == 16 ? M : 16);
     ranges.run(t, nt, [&](int64_t b0, int64_t b1) {
-    for (int b = static_cast<int>(b0); b < b1; ++b) {
-      const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
-      const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
-      const int64_t ldb = blocked ? BLOCK_COLS : ldw;
-      const int wcols = blocked ? BLOCK_COLS : ncols;
-      if (M16 == 16) {
-        // One tile of rows (decoding, batches up to 16): each chunk is laid out just before it is used, so
-        // that reading the weights from memory overlaps the tile products of the chunk before.
-        TL::zero_sums();
-        for (int ch = 0; ch < chunks; ++ch) {
-          if (blocked) prefetch_ahead(w + static_cast<int64_t>(ch) * 32 * BLOCK_COLS, 32 * BLOCK_COLS * 2);
-          TL::pack_bf16_chunk(wpack, w, ldb, ch * 32, K, wcols);
-          TL::bf16_chunk_rows16(a16 + ch * 32, lda, wpack);
+      for (int b = static_cast<int>(b0); b < b1; ++b) {
+        const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
+        const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
+        const int64_t ldb = blocked ? BLOCK_COLS : ldw;
+        const int wcols = blocked ? BLOCK_COLS : ncols;
+        if (M16 == 16) {
+          // One tile of rows (decoding, batches up to 16): each chunk is laid out just before it is used, so
+          // that reading the weights from memory overlaps the tile products of the chunk before.
+          TL::zero_sums();
+          for (int ch = 0; ch < chunks; ++ch) {
+            if (blocked) prefetch_ahead(w + static_cast<int64_t>(ch) * 32 * BLOCK_COLS, 32 * BLOCK_COLS * 2);
+            TL::pack_bf16_chunk(wpack, w, ldb, ch * 32, K, wcols);
+            TL::bf16_chunk_rows16(a16 + ch * 32, lda, wpack);
+          }
+          TL::store_rows16(cbuf);
+          store_rows(cbuf, 0, M, 64, 4, n0, ncols);
+          continue;
         }
-        TL::store_rows16(cbuf);
-        store_rows(cbuf, 0, M, 64, 4, n0, ncols);
-        continue;
-      }
-      for (int ch = 0; ch < chunks; ++ch)
-        TL::pack_bf16_chunk(wpack + static_cast<int64_t>(ch) * 16 * 128, w, ldb, ch * 32, K, wcols);
-      int m = 0;
-      for (; m + 32 <= M16; m += 32) {
-        for (int j0 = 0; j0 < 4 && 16 * j0 < ncols; j0 += 2) {
-          TL::bf16_rows32(cbuf, a16 + static_cast<int64_t>(m) * lda, lda, wpack, j0, chunks);
-          store_rows(cbuf, m, M - m < 32 ? M - m : 32, 32, 2, n0 + 16 * j0, ncols - 16 * j0 < 32 ? ncols - 16 * j0 : 32);
-        }
-      }
-      if (m < M) {  // a last tile of 16 rows
-        TL::zero_sums();
         for (int ch = 0; ch < chunks; ++ch)
-          TL::bf16_chunk_rows16(a16 + static_cast<int64_t>(m) * lda + ch * 32, lda, wpack + static_cast<int64_t>(ch) * 16 * 128);
-        TL::store_rows16(cbuf);
-        store_rows(cbuf, m, M - m, 64, 4, n0, ncols);
+          TL::pack_bf16_chunk(wpack + static_cast<int64_t>(ch) * 16 * 128, w, ldb, ch * 32, K, wcols);
+        int m = 0;
+        for (; m + 32 <= M16; m += 32) {
+          for (int j0 = 0; j0 < 4 && 16 * j0 < ncols; j0 += 2) {
+            TL::bf16_rows32(cbuf, a16 + static_cast<int64_t>(m) * lda, lda, wpack, j0, chunks);
+            const int cols = ncols - 16 * j0 < 32 ? ncols - 16 * j0 : 32;
+            store_rows(cbuf, m, M - m < 32 ? M - m : 32, 32, 2, n0 + 16 * j0, cols);
+          }
+        }
+        if (m < M) {  // a last tile of 16 rows
+          TL::zero_sums();
+          for (int ch = 0; ch < chunks; ++ch)
+            TL::bf16_chunk_rows16(a16 + static_cast<int64_t>(m) * lda + ch * 32, lda,
+                                  wpack + static_cast<int64_t>(ch) * 16 * 128);
+          TL::store_rows16(cbuf);
+          store_rows(cbuf, m, M - m, 64, 4, n0, ncols);
+        }
       }
-    }
     });
     TL::release();
   });

@@ -255,7 +255,8 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
       for (int j = 0; j < CV; ++j) Vec::store(partial + i * UNIT + j * L, acc[i][j]);
     return;
   }
-  for (int i = 0; i < ROWS; ++i) q8_finish<CV>(out + static_cast<int64_t>(i) * ldo, acc[i], x, i, bias, n0, ncols, accumulate);
+  for (int i = 0; i < ROWS; ++i)
+    q8_finish<CV>(out + static_cast<int64_t>(i) * ldo, acc[i], x, i, bias, n0, ncols, accumulate);
 }
 
 // The last rows - m (fewer than ROWS) of a unit, one tile.
@@ -421,14 +422,16 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
 }
 
 // int8 and int4 weights on the avx512-amx level, from AMX_Q8_MIN_M rows: each group's integer sums for 16 rows x
-// 64 columns come from four tile products, the weights' quad rows being already the tiles' layout (int8:
-// tdpbssd, signed by signed bytes; int4: its nibbles laid out as bytes, value + 8, once per block and thread,
-// then tdpbsud with the offset taken off as QDot's paths do); the vector units turn them into the float sums
-// in the same operations and order as q8_tile (acc = fma(float(isum), xs * ws, acc) over the groups, then
-// q8_finish), so the bits are every other level's. The tiles of group g + 1 are issued before group g's sums
-// are scaled, into the other of two buffers, so that the tile unit and the vector units work at once; the
-// float sums of a 16 x 64 tile wait in L1 between groups. (int6, only the int4 format's LM head, which prefill
-// runs for one row, keeps q8_tile.)
+// 32 columns (half a block) come from two tile products, the weights' quad rows being already the tiles' layout
+// (int8: tdpbssd, signed by signed bytes; int4: its nibbles laid out as bytes, value + 8, once per block and
+// thread, then tdpbsud with the offset taken off as QDot's paths do); the vector units turn them into the float
+// sums in the same operations and order as q8_tile (acc = fma(float(isum), xs * ws, acc) over the groups, then
+// q8_finish), so the bits are every other level's. The float sums of a 16 x 64 tile wait in L1 between groups.
+// Group g + 1's tile products are issued before group g's sums are scaled, into other tiles and the other of
+// two buffers, in the hope that the tile unit and the vector units would work at once; measured, they do not
+// (512 x 768 x 2304: tile part alone 1.43 ms, scaling alone 1.20, both 2.23): a group's K of 32 is half what a
+// tile product takes in the same time, and its sums leave the tiles through memory every group. (int6, only the
+// int4 format's LM head, which prefill runs for one row, keeps q8_tile.)
 template <class TL, int BITS>
 void q8_tiles_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, const WeightView& w,
                        const float* bias, int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
@@ -450,7 +453,8 @@ void q8_tiles_parallel(float* out, QRows x, const uint8_t* skip, const float* in
     const int b0 = static_cast<int>(static_cast<int64_t>(nb) * t / nt);
     const int b1 = static_cast<int>(static_cast<int64_t>(nb) * (t + 1) / nt);
     if (b0 >= b1) return;
-    // [16][64] float sums, two [16][32] int32 buffers (in [16][64]'s room), and for int4 the block's weights as bytes [Kp/4][64][4].
+    // [16][64] float sums, two [16][32] int32 buffers (in [16][64]'s room), and for int4 the block's weights as
+    // bytes [Kp/4][64][4].
     float* acc = scratch_floats(3 * 16 * BLOCK + (BITS == 4 ? static_cast<int64_t>(Kp) * BLOCK / 4 : 0), 0);
     int32_t* isum[2] = {reinterpret_cast<int32_t*>(acc + 16 * BLOCK), reinterpret_cast<int32_t*>(acc + 32 * BLOCK)};
     int8_t* bytes = reinterpret_cast<int8_t*>(acc + 48 * BLOCK);
@@ -577,7 +581,8 @@ void q8_matmul_forward(float* out, const float* inp, WeightView w, const float* 
   // Quantized activations in the calling thread's buffer, shared with the team: M*Kp bytes, the scales, the
   // offset corrections, the outlier channels' values, and a byte per channel marking them.
   // (xq has room for M rounded up to 16 rows: AMX tiles read 16 rows at a time.)
-  const int64_t xq_floats = (static_cast<int64_t>((M + 15) & ~15) * Kp + 3) / 4, per_group = static_cast<int64_t>(M) * (Kp / GROUP);
+  const int64_t xq_floats = (static_cast<int64_t>((M + 15) & ~15) * Kp + 3) / 4;
+  const int64_t per_group = static_cast<int64_t>(M) * (Kp / GROUP);
   const int n_out = w.n_outlier_rows;
   const int64_t xo_floats = static_cast<int64_t>(M) * n_out;
   float* buf = scratch_floats(xq_floats + 2 * per_group + xo_floats + (K + 3) / 4, 2);
