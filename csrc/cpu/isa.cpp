@@ -28,7 +28,6 @@ unsigned long long read_xcr0() {
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return (static_cast<unsigned long long>(edx) << 32) | eax;
 }
-#endif
 
 // Linux hands out the 8 KB tile state only to processes that ask (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA);
 // the grant covers every thread of the process, those started later too.
@@ -40,6 +39,7 @@ bool amx_permitted() {
   return false;
 #endif
 }
+#endif
 
 CpuFeatures detect() {
   CpuFeatures f;
