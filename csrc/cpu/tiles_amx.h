@@ -17,16 +17,10 @@ namespace GPTCPP_ISA_NS {
 struct Tiles {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__)
   static constexpr bool available = true;
-  // GCC 12 does not see ldtilecfg read its 64 bytes and dropped the stores of the rows and widths before it (the
-  // tiles then stay unconfigured: SIGILL); the empty asm makes every store to memory happen first.
-  static inline void load_config(const void* c) {
-    __asm__ __volatile__("" : : "r"(c) : "memory");
-    _tile_loadconfig(c);
-  }
-  // Every tile 16 rows x 64 bytes (palette 1). Tiles 0-3 hold sums, 4-5 activations, 6-7 weights.
-  // `rows` (1-16): the rows of the sum and activation tiles (0-5); a product's time grows with them, so that
-  // decoding's single row costs a sixteenth of a full tile's (rows are independent: the same bits).
-  static inline void configure(int rows = 16) {
+  // Loads palette 1 with tile i shaped rows[i] x colsb[i] bytes (tiles 0-7). GCC 12 does not see ldtilecfg read
+  // its 64 bytes and dropped the stores of the rows and widths before it (the tiles then stay unconfigured:
+  // SIGILL); the empty asm makes every store to memory happen first.
+  static inline void load_shapes(const uint8_t (&rows)[8], const uint16_t (&colsb)[8]) {
     struct alignas(64) Config {
       uint8_t palette, start_row, reserved[14];
       uint16_t colsb[16];
@@ -34,10 +28,18 @@ struct Tiles {
     } c = {};
     c.palette = 1;
     for (int i = 0; i < 8; ++i) {
-      c.colsb[i] = 64;
-      c.rows[i] = i < 6 ? static_cast<uint8_t>(rows) : 16;
+      c.colsb[i] = colsb[i];
+      c.rows[i] = rows[i];
     }
-    load_config(&c);
+    __asm__ __volatile__("" : : "r"(&c) : "memory");
+    _tile_loadconfig(&c);
+  }
+  // bf16: every tile 64 bytes wide. Tiles 0-3 hold sums, 4-5 activations, 6-7 weights (16 rows).
+  // `rows` (1-16): the rows of the sum and activation tiles (0-5); a product's time grows with them, so that
+  // decoding's single row costs a sixteenth of a full tile's (rows are independent: the same bits).
+  static inline void configure(int rows = 16) {
+    const uint8_t r = static_cast<uint8_t>(rows);
+    load_shapes({r, r, r, r, r, r, 16, 16}, {64, 64, 64, 64, 64, 64, 64, 64});
   }
   // Back to the init state, so that a context switch does not save 8 KB of tile data.
   static inline void release() { _tile_release(); }
@@ -45,12 +47,13 @@ struct Tiles {
   // One k chunk (32 k from k0) of a 64-column block of bf16 weights in tile order: dst[kp][64][2] for the chunk's
   // 16 k pairs, each column's k = 2 kp and 2 kp + 1 side by side; src rows are ldb apart, only the first ncols
   // columns and the rows below K are read, the rest are zeros. The pairs come in vpunpck's column order (one
-  // instruction for 16 pairs, where putting them in order took a three-op permute that cost decoding a third):
-  // weight tile j (at dst + 32 j, rows 256 bytes apart) holds columns 32 (j / 2) + {0-3, 8-11, 16-19, 24-27}
-  // for even j and + {4-7, 12-15, 20-23, 28-31} for odd j, and BDot::columns puts a pair of tiles' sums back.
+  // instruction for 16 pairs, as BDot::pairs interleaves them for vdpbf16ps; a three-op permute into column
+  // order measured no faster): weight tile j (at dst + 32 j, rows 256 bytes apart) holds columns 32 (j / 2) +
+  // {0-3, 8-11, 16-19, 24-27} for even j and + {4-7, 12-15, 20-23, 28-31} for odd j, and BDot::columns puts a
+  // pair of tiles' sums back. (Written out rather than through BDot::pairs_partial, whose per-call masks and
+  // null checks made the one-row gpt2 LM head 1.55 -> 1.75 ms and decoding 11% slower.)
   static inline void pack_bf16_chunk(uint16_t* dst, const uint16_t* src, int64_t ldb, int k0, int K, int ncols) {
-    const __mmask32 m0 = ncols >= 32 ? ~0u : (1u << ncols) - 1u;
-    const __mmask32 m1 = ncols >= 64 ? ~0u : ncols <= 32 ? 0u : (1u << (ncols - 32)) - 1u;
+    const __mmask32 m0 = BDot::mask32(ncols), m1 = BDot::mask32(ncols - 32);
     const __m512i zero = _mm512_setzero_si512();
     for (int k = k0; k < k0 + 32; k += 2, dst += 128) {
       const uint16_t* r0 = src + static_cast<int64_t>(k) * ldb;
@@ -120,25 +123,7 @@ struct Tiles {
   // (16 rows x 32 bytes: one group of 32 k), 6-7 weights (8 rows x 64 bytes: the format's [64][4] quad rows,
   // 16 columns of 4 k, as they are stored).
   static inline void configure_q8() {
-    struct alignas(64) Config {
-      uint8_t palette, start_row, reserved[14];
-      uint16_t colsb[16];
-      uint8_t rows[16];
-    } c = {};
-    c.palette = 1;
-    for (int i = 0; i < 4; ++i) {
-      c.colsb[i] = 64;
-      c.rows[i] = 16;
-    }
-    for (int i = 4; i < 6; ++i) {
-      c.colsb[i] = 32;
-      c.rows[i] = 16;
-    }
-    for (int i = 6; i < 8; ++i) {
-      c.colsb[i] = 64;
-      c.rows[i] = 8;
-    }
-    load_config(&c);
+    load_shapes({16, 16, 16, 16, 16, 16, 8, 8}, {64, 64, 64, 64, 32, 32, 64, 64});
   }
   // One group's exact int32 sums for 16 rows of activations a (int8, lda bytes apart, the group's 32 bytes
   // each) against 32 columns of the group's 8 quad rows w (a 64-column block's rows, 256 bytes apart), stored

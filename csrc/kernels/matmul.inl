@@ -692,15 +692,11 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
   const int K32 = (K + 31) & ~31, chunks = K32 / 32, M16 = (M + 15) & ~15;
   const int lda = K32;
   uint16_t* a16 = reinterpret_cast<uint16_t*>(scratch_floats(static_cast<int64_t>(M16) * lda / 2, 2));
-  auto round_rows = [&](int m0, int m1) {
+  auto round_rows = [&](int m0, int m1) {  // rows from M on are padding: all zeros, as is every row past K
+    bf16_round_rows<D>(a16, lda, inp, ldi, K, m0, m1 < M ? m1 : M);
     for (int m = m0; m < m1; ++m) {
-      uint16_t* row = a16 + static_cast<int64_t>(m) * lda;
-      if (m < M) {
-        D::round_row(row, inp + static_cast<int64_t>(m) * ldi, K);
-        std::memset(row + K, 0, (lda - K) * sizeof(uint16_t));
-      } else {
-        std::memset(row, 0, lda * sizeof(uint16_t));
-      }
+      const int from = m < M ? K : 0;
+      std::memset(a16 + static_cast<int64_t>(m) * lda + from, 0, (lda - from) * sizeof(uint16_t));
     }
   };
   const bool round_first = static_cast<int64_t>(M) * K <= 65536;

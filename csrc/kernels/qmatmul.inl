@@ -112,6 +112,13 @@ struct QRows {
   }
 };
 
+// Rows m0..m1-1 of inp quantized into x's buffers (which the team shares; see q8_matmul_forward).
+inline void quantize_into(const QRows& x, const float* inp, const uint8_t* skip, const WeightView& w, int m0, int m1,
+                          int K, int ldi) {
+  quantize_rows(const_cast<int8_t*>(x.xq), const_cast<float*>(x.xs), const_cast<int32_t*>(x.xc),
+                const_cast<float*>(x.xo), inp, skip, w.outlier_rows, x.n_out, m0, m1, K, x.Kp, ldi);
+}
+
 // A row's epilogue: + the outlier channels' float32 products (in channel order), then matmul.inl's: + bias, + out.
 // acc: CV registers of the row's float sums, columns n0 ..; i: the row within x.
 template <int CV>
@@ -383,10 +390,7 @@ void q8_parallel(float* out, QRows x, const uint8_t* skip, const float* inp, con
                  int M, int K, int N, int ldi, int ldo, bool accumulate, bool parallel) {
   constexpr int UNIT = CV * L;
   const int units = (N + BLOCK - 1) / BLOCK * (BLOCK / UNIT);
-  auto quantize = [&](int m0, int m1) {
-    quantize_rows(const_cast<int8_t*>(x.xq), const_cast<float*>(x.xs), const_cast<int32_t*>(x.xc),
-                  const_cast<float*>(x.xo), inp, skip, w.outlier_rows, x.n_out, m0, m1, K, x.Kp, ldi);
-  };
+  auto quantize = [&](int m0, int m1) { quantize_into(x, inp, skip, w, m0, m1, K, ldi); };
   // A decoding step's row or two are quantized before the team starts, as bf16_dot_matmul rounds them: a
   // barrier after quantizing in the team cost more than the quantizing (Zen 3, 2 threads, gpt2 decode, 60
   // rounds of old and new in one process: int4 +2.7%, int8 +1.6% median, ahead in 38 of 60 each).
@@ -444,9 +448,8 @@ void q8_tiles_parallel(float* out, QRows x, const uint8_t* skip, const float* in
   const int M16 = (M + 15) & ~15;
   std::memset(xq + static_cast<int64_t>(M) * Kp, 0, static_cast<size_t>(M16 - M) * Kp);  // rows the last tile reads
   parallel_region_if(parallel, [&](int t, int nt) {
-    quantize_rows(xq, const_cast<float*>(x.xs), const_cast<int32_t*>(x.xc), const_cast<float*>(x.xo), inp, skip,
-                  w.outlier_rows, x.n_out, static_cast<int>(static_cast<int64_t>(M) * t / nt),
-                  static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt), K, Kp, ldi);
+    quantize_into(x, inp, skip, w, static_cast<int>(static_cast<int64_t>(M) * t / nt),
+                  static_cast<int>(static_cast<int64_t>(M) * (t + 1) / nt), K, ldi);
     if (nt > 1) {
 #pragma omp barrier
     }
