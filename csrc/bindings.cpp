@@ -137,10 +137,24 @@ void add_q8_outliers(WeightView& w, const py::object& rows, const py::object& we
   w.outlier_weights = static_cast<const uint16_t*>(v.data());
 }
 
+// A blocked f32/f16 [K, N] matrix is [ceil(N/64), K, 64]; a blocked bf16 one [ceil(N/64), ceil(K/2), 64, 2].
+void check_blocked_shape(const py::array& arr, DType dtype, int64_t K, int64_t N, const std::string& what) {
+  const int64_t nb = (N + kBlockCols - 1) / kBlockCols;
+  const bool ok = dtype == DType::bf16
+                      ? arr.ndim() == 4 && arr.shape(0) == nb && arr.shape(1) == kBf16Rows(static_cast<int>(K)) / 2 &&
+                            arr.shape(2) == kBlockCols && arr.shape(3) == 2
+                      : arr.ndim() == 3 && arr.shape(0) == nb && arr.shape(1) == K && arr.shape(2) == kBlockCols;
+  if (!ok)
+    throw std::invalid_argument(what + " must have shape (" + std::to_string(nb) + ", " +
+                                (dtype == DType::bf16 ? std::to_string(kBf16Rows(static_cast<int>(K)) / 2) + ", 64, 2)"
+                                                      : std::to_string(K) + ", 64)") +
+                                (dtype == DType::bf16 ? " (bf16 is blocked in k pairs)" : ""));
+}
+
 // A weight matrix in its storage format. shape is the checkpoint's: [K,N] for a Conv1D weight, [vocab, n_embd]
 // for the embedding / LM head (rows_are_outputs), whose q8 and blocked forms are stored transposed. f32/f16/bf16
-// [K,N] may come blocked, as an array [ceil(N/64), K, 64] (see kernels.h); q8 / q4 / q6 bring a "<name>.scale"
-// tensor.
+// [K,N] may come blocked (see kernels.h), as an array [ceil(N/64), K, 64] (bf16 in k pairs: [ceil(N/64),
+// ceil(K/2), 64, 2]); q8 / q4 / q6 bring a "<name>.scale" tensor.
 WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string& name, std::vector<int64_t> shape,
                          bool rows_are_outputs = false) {
   if (!tensors.contains(name)) throw std::invalid_argument("missing tensor " + name);
@@ -166,10 +180,9 @@ WeightView borrow_matrix(PyModel& m, const py::dict& tensors, const std::string&
       m.keep_alive.push_back(rows.cast<py::array>());
       m.keep_alive.push_back(vals.cast<py::array>());
     }
-  } else if (arr.ndim() == 3) {  // an embedding / LM head [vocab, n_embd] blocked is stored transposed
+  } else if (arr.ndim() == 3 || arr.ndim() == 4) {  // an embedding / LM head blocked is stored transposed
     const int64_t K = rows_are_outputs ? shape[1] : shape[0], N = rows_are_outputs ? shape[0] : shape[1];
-    if (arr.shape(0) != (N + kBlockCols - 1) / kBlockCols || arr.shape(1) != K || arr.shape(2) != kBlockCols)
-      throw std::invalid_argument("blocked tensor " + name + " has the wrong shape");
+    check_blocked_shape(arr, dtype, K, N, "blocked tensor " + name);
     w.blocked = true;
   } else {
     if (arr.ndim() != static_cast<py::ssize_t>(shape.size()))
@@ -511,8 +524,8 @@ PYBIND11_MODULE(_core, m) {
 
   // Kernel entry points for tests: each runs one kernel of the named instruction-set level.
   py::module_ k = m.def_submodule("kernels", "single kernels by instruction-set level, for tests");
-  // matmul: weight float32, float16 or uint16 (bf16) as [K, N] or blocked [ceil(N/64), K, 64]; or int8 in the
-  // q8 / q4 / q6 layout with its fp16 scales.
+  // matmul: weight float32, float16 or uint16 (bf16) as [K, N] or blocked ([ceil(N/64), K, 64]; bf16
+  // [ceil(N/64), ceil(K/2), 64, 2]); or int8 in the q8 / q4 / q6 layout with its fp16 scales.
   k.def("matmul", [](const std::string& isa, FloatArray inp, py::array weight, py::object bias, FloatArray out,
                      bool accumulate, py::object scales, py::object outlier_rows, py::object outlier_weights) {
     const int M = static_cast<int>(inp.shape(0)), K = static_cast<int>(inp.shape(1)), N = static_cast<int>(out.shape(1));
@@ -524,13 +537,13 @@ PYBIND11_MODULE(_core, m) {
       wv = q8_view(weight, scales.cast<py::array>(), K, N, "weight");
       add_q8_outliers(wv, outlier_rows, outlier_weights, K, N, "weight");
     } else {
-      const bool blocked = weight.ndim() == 3;
-      if (blocked ? (weight.shape(0) != (N + kBlockCols - 1) / kBlockCols || weight.shape(1) != K ||
-                     weight.shape(2) != kBlockCols)
-                  : (weight.ndim() != 2 || weight.shape(0) != K || weight.shape(1) != N))
+      const bool blocked = weight.ndim() == 3 || weight.ndim() == 4;
+      wv.dtype = dtype_of(weight, "weight");
+      if (blocked)
+        check_blocked_shape(weight, wv.dtype, K, N, "blocked weight");
+      else if (weight.ndim() != 2 || weight.shape(0) != K || weight.shape(1) != N)
         throw std::invalid_argument("shape mismatch");
       wv.data = weight.data();
-      wv.dtype = dtype_of(weight, "weight");
       wv.blocked = blocked;
     }
     FloatArray b = bias.is_none() ? FloatArray() : bias.cast<FloatArray>();

@@ -117,6 +117,12 @@ def test_blocked_layout_roundtrip():
     w = np.arange(7 * 130, dtype=np.float32).reshape(7, 130)
     b = to_blocked(w)
     assert b.shape == (3, 7, 64) and np.array_equal(from_blocked(b, 130), w) and not b[2, :, 2:].any()
+    # bf16 (uint16 bits) in pairs of k: element (k, n) at [n // 64, k // 2, n % 64, k % 2], an odd K padded
+    h = w.astype(np.uint16)
+    p = to_blocked(h)
+    assert p.shape == (3, 4, 64, 2) and p[1, 2, 5, 1] == h[5, 69] and not p[:, 3, :, 1].any()
+    assert np.array_equal(from_blocked(p, 130, 7), h) and not p[2, :, 2:].any()
+    assert np.array_equal(to_blocked(np.ascontiguousarray(h.T), transpose=True), p)
 
 
 MATMUL_SHAPES = [(1, 37, 53), (3, 64, 100), (8, 100, 77), (70, 33, 130), (1, 768, 96), (5, 20, 200), (1, 40, 300)]
@@ -157,6 +163,28 @@ def test_bf16_rows_independent_of_batch(isa, blocked):
         assert np.array_equal(single[0], batch[r]), r
     ref = activations_as_computed(a, isa, "bf16") @ vals + b + prev
     np.testing.assert_allclose(batch, ref, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("M", [1, 16, 40])
+@pytest.mark.parametrize("K", [64, 96, 301])
+def test_bf16_pairs_aligned_or_not(isa, M, K):
+    """Blocked bf16 pairs anywhere in memory: AMX tiles read a line-aligned matrix in place and copy out one that
+    is not (or a last chunk of 32 k that is only partly there); every address gives the same bits."""
+    rng = np.random.default_rng(K + M)
+    N = 130
+    a, w, b = (rng.standard_normal(s, dtype=np.float32) for s in ((M, K), (K, N), N))
+    arr, vals = stored(w, "bf16")
+    pairs = to_blocked(arr)
+    assert pairs.ctypes.data % 64 == 0
+    ref = _core.kernels.matmul(isa, a, pairs, b, np.zeros((M, N), np.float32), False)
+    for offset in (2, 16, 32):
+        raw = np.empty(pairs.nbytes + 128, np.uint8)
+        start = -raw.ctypes.data % 64 + offset
+        moved = raw[start:start + pairs.nbytes].view(np.uint16).reshape(pairs.shape)
+        moved[...] = pairs
+        out = _core.kernels.matmul(isa, a, moved, b, np.zeros((M, N), np.float32), False)
+        assert np.array_equal(out, ref), offset
+    np.testing.assert_allclose(ref, activations_as_computed(a, isa, "bf16") @ vals + b, rtol=1e-5, atol=1e-5 * np.sqrt(K))
 
 
 # The kernel variants chosen by CPU (cpu/isa.h Tuning: AVX-512 fp32 chunks from 16 rows or from 24, int8 in k
@@ -342,7 +370,8 @@ def test_int8_embedding_table_transposed(outlier_model, bits):
 
 
 def row_major_table(model):
-    """A loaded model's token embedding [vocab, n_embd], from its blocked transposed [vocab/64, n_embd, 64]."""
+    """A loaded model's token embedding [vocab, n_embd], from its blocked transposed [vocab/64, n_embd, 64] (bf16
+    [vocab/64, n_embd/2, 64, 2])."""
     return np.ascontiguousarray(from_blocked(model._tensors["wte.weight"], model.config.vocab_size).T)
 
 
@@ -354,15 +383,19 @@ def test_embedding_table_blocked_or_row_major(outlier_model, dtype):
     copy) and logits to rounding, at the last column block's padded edge too, one row and many."""
     model = gptcpp.GPT2.from_pretrained(outlier_model, dtype=dtype)
     table = model._tensors["wte.weight"]
-    assert table.shape == (-(-400 // 64), 64, 64)
+    assert table.shape == ((-(-400 // 64), 32, 64, 2) if dtype == "bf16" else (-(-400 // 64), 64, 64))
     row_major = np.ascontiguousarray(from_blocked(table, 400).T)
     twin = gptcpp.GPT2(model.config, {**model._tensors, "wte.weight": row_major}, None, dtype=dtype)
     for token in (0, 63, 64, 383, 384, 399):
         assert np.array_equal(model.hidden_states([token, 1]), twin.hidden_states([token, 1])), token
     for ids in (rng_ids(1, 400, seed=4), rng_ids(37, 400, seed=5)):
         np.testing.assert_allclose(model.logits(ids), twin.logits(ids), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="wrong shape"):
+    with pytest.raises(ValueError, match="must have shape"):
         gptcpp.GPT2(model.config, {**model._tensors, "wte.weight": table[:-1].copy()}, None)
+    if dtype == "bf16":  # blocked without pairs (formats before version 5)
+        unpaired = np.ascontiguousarray(table.transpose(0, 1, 3, 2).reshape(7, 64, 64))
+        with pytest.raises(ValueError, match=r"must have shape \(7, 32, 64, 2\) \(bf16 is blocked in k pairs\)"):
+            gptcpp.GPT2(model.config, {**model._tensors, "wte.weight": unpaired}, None)
 
 
 def test_residual_outlier_channels_found_from_the_embedding(outlier_model):
@@ -538,4 +571,17 @@ def test_checkpoint_of_an_older_format_version_is_refused(outlier_model, tmp_pat
     assert load_file(path)["wte.weight"].dtype == np.uint8
     save_file(load_file(path), path, metadata={"format": "gptcpp", "gptcpp.dtype": "int4", "gptcpp.format_version": "3"})
     with pytest.raises(CheckpointError, match="int4 checkpoint of format version 3.*quantize the original"):
+        gptcpp.GPT2.from_pretrained(dst)
+    # bf16 went into pairs of k in version 5: a bf16 file of version 4 is refused, an int4 one still read
+    save_file(load_file(path), path, metadata={"format": "gptcpp", "gptcpp.dtype": "int4", "gptcpp.format_version": "4"})
+    assert np.array_equal(gptcpp.GPT2.from_pretrained(dst).logits(ids),
+                          gptcpp.GPT2.from_pretrained(outlier_model, dtype="int4").logits(ids))
+    dst = save_quantized(outlier_model, str(tmp_path / "b"), "bf16")
+    path = f"{dst}/model.safetensors"
+    assert load_file(path)["h.0.mlp.c_fc.weight"].shape == (4, 32, 64, 2)
+    loaded = gptcpp.GPT2.from_pretrained(dst)  # bf16 pairs line-aligned, wherever the file put them
+    assert all(t.ctypes.data % 64 == 0 for t in loaded._tensors.values() if t.ndim == 4)
+    assert np.array_equal(loaded.logits(ids), gptcpp.GPT2.from_pretrained(outlier_model, dtype="bf16").logits(ids))
+    save_file(load_file(path), path, metadata={"format": "gptcpp", "gptcpp.dtype": "bf16", "gptcpp.format_version": "4"})
+    with pytest.raises(CheckpointError, match="bf16 checkpoint of format version 4.*quantize the original"):
         gptcpp.GPT2.from_pretrained(dst)

@@ -29,6 +29,14 @@ struct Vec {
   static inline reg load_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   }
+  // bf16 in k pairs (see vec_avx512.h): 8 columns of row k (even) or k + 1 (odd).
+  static inline reg load_bf16_even(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+  }
+  static inline reg load_bf16_odd(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                                                _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
   template <class T>
   static inline void copy_tail(T* dst, const T* src, int n) { for (int i = 0; i < 8; ++i) dst[i] = i < n ? src[i] : T(0); }
   static inline reg load_f16_partial(const uint16_t* p, int n) { uint16_t t[8]; copy_tail(t, p, n); return load_f16(t); }

@@ -32,6 +32,14 @@ struct Vec {
   static inline reg load_bf16_partial(const uint16_t* p, int n) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail_mask(n), p)), 16));
   }
+  // bf16 in k pairs (the blocked bf16 layout: each 32-bit lane holds k and k + 1 of one column, k in the low
+  // half): 16 columns of row k (even) or k + 1 (odd), widened by a shift or a mask of the same lanes.
+  static inline reg load_bf16_even(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
+  }
+  static inline reg load_bf16_odd(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }

@@ -29,6 +29,9 @@ struct Vec {
   static inline reg load_f16(const uint16_t* p) { return load_f16_partial(p, 8); }
   static inline void store_f16(uint16_t* p, reg a) { for (int i = 0; i < 8; ++i) p[i] = gptcpp::f32_to_f16(a.v[i]); }
   static inline reg load_bf16(const uint16_t* p) { return load_bf16_partial(p, 8); }
+  // bf16 in k pairs (see vec_avx512.h): 8 columns of row k (even) or k + 1 (odd).
+  static inline reg load_bf16_even(const uint16_t* p) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = gptcpp::bf16_to_f32(p[2 * i]); return r; }
+  static inline reg load_bf16_odd(const uint16_t* p) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = gptcpp::bf16_to_f32(p[2 * i + 1]); return r; }
 #define GPTCPP_VEC_BINOP(name, expr) \
   static inline reg name(reg a, reg b) { reg r; for (int i = 0; i < 8; ++i) { float x = a.v[i], y = b.v[i]; r.v[i] = (expr); } return r; }
   GPTCPP_VEC_BINOP(add, x + y)

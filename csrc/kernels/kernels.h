@@ -30,10 +30,15 @@ struct WeightView {
   int n_outlier_rows = 0;
   const uint16_t* outlier_weights = nullptr;
   // f32/f16/bf16 [K,N] matrices: false for row-major (ldw apart), true for the blocked layout of matmul.inl
-  // (column blocks of 64, each a contiguous [K][64] run, the last zero-padded). q8 is always blocked.
+  // (column blocks of 64, each a contiguous [K][64] run, the last zero-padded; bf16 in k pairs, [K/2][64][2]
+  // with an odd K's last pair zero-padded: see kBf16Rows). q8 is always blocked.
   bool blocked = false;
 };
 constexpr int kBlockCols = 64;
+// Rows of K a blocked bf16 block stores: K rounded up to pairs. Block b starts at b * kBf16Rows(K) * 64, and
+// element (k, c) of it sits at (k / 2) * 128 + 2 c + k % 2: the pairs vdpbf16ps and AMX tiles multiply, loaded as
+// they are stored (the float paths widen a pair's halves by a shift and a mask).
+constexpr int kBf16Rows(int K) { return K + (K & 1); }
 constexpr int kQuantGroup = 32;
 // The longest sequence attention takes, in KV blocks of kBlockCols positions (their list lives on the stack).
 constexpr int kMaxKVBlocks = 256;

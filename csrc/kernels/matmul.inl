@@ -17,26 +17,53 @@ namespace matmul_detail {
 using R = Vec::reg;
 constexpr int W = Vec::width;
 
+// Width of a column block in the blocked weight layout (a multiple of every NB, and 64 int8 = a cache line).
+constexpr int BLOCK_COLS = kBlockCols;
+
 // Weight readers: the one place that knows a storage format. Every path loads weights through one of
-// these, so all formats share the same kernels (grouped int8 has its own: qmatmul.inl).
+// these, so all formats share the same kernels (grouped int8 has its own: qmatmul.inl). load / load_partial
+// read W consecutive values of a row; the blocked paths walk a block's stored rows, each KSTEP rows of the
+// matrix (load_row<S>: row S of them, from the stored row's column col(c)), rows(K) of them a block.
 struct F32W {
   using T = float;
+  static constexpr int KSTEP = 1;
   static R load(const T* p) { return Vec::load(p); }
   static R load_partial(const T* p, int n) { return Vec::load_partial(p, n); }
+  template <int S> static R load_row(const T* p) { return load(p); }
+  static constexpr int col(int c) { return c; }
+  static constexpr int rows(int K) { return K; }
 };
 struct F16W {
   using T = uint16_t;
+  static constexpr int KSTEP = 1;
   static R load(const T* p) { return Vec::load_f16(p); }
   static R load_partial(const T* p, int n) { return Vec::load_f16_partial(p, n); }
+  template <int S> static R load_row(const T* p) { return load(p); }
+  static constexpr int col(int c) { return c; }
+  static constexpr int rows(int K) { return K; }
 };
-struct BF16W {
+struct BF16W {  // row-major bf16
   using T = uint16_t;
+  static constexpr int KSTEP = 1;
   static R load(const T* p) { return Vec::load_bf16(p); }
   static R load_partial(const T* p, int n) { return Vec::load_bf16_partial(p, n); }
 };
-
-// Width of a column block in the blocked weight layout (a multiple of every NB, and 64 int8 = a cache line).
-constexpr int BLOCK_COLS = kBlockCols;
+// Blocked bf16, in k pairs (kernels.h, kBf16Rows): a stored row holds rows k and k + 1 of the block's 64 columns,
+// each column's two values side by side, so that the bf16 dot products (vdpbf16ps, AMX tiles) load them as they
+// are; the float paths widen the two halves of the same lanes, k then k + 1 (the same FMA chain as row-major).
+struct BF16PairW {
+  using T = uint16_t;
+  static constexpr int KSTEP = 2;
+  template <int S> static R load_row(const T* p) {
+    if constexpr (S == 0) return Vec::load_bf16_even(p);
+    else return Vec::load_bf16_odd(p);
+  }
+  static constexpr int col(int c) { return 2 * c; }
+  static constexpr int rows(int K) { return kBf16Rows(K); }
+};
+// The reader of a format's blocked layout.
+template <class WR>
+using BlockedW = std::conditional_t<std::is_same_v<WR, BF16W>, BF16PairW, WR>;
 
 // Register budget: MR*NV accumulators + NV weight vectors + 1 broadcast must fit the register file
 // (16 YMM for AVX2, 32 ZMM for AVX-512).
@@ -226,6 +253,17 @@ inline void prefetch_ahead(const void* p, int bytes) {
 // fp16 +1.3% (ahead in 14-16 of 20 rounds). pp512 measured even: above this each thread's range goes whole.
 constexpr int STEAL_MAX_M = 64;
 
+// One weight row's step of a tile: acc[i][j] += inp[i][k] * (row S of the stored row at wp, columns j W ..).
+template <class WR, int S, int ROWS, int CV>
+inline void weight_row_fma(R (&acc)[ROWS][CV], const typename WR::T* wp, const float* inp, int ldi, int k) {
+  R b[CV];
+  for (int j = 0; j < CV; ++j) b[j] = WR::template load_row<S>(wp + WR::col(j * W));
+  for (int i = 0; i < ROWS; ++i) {
+    const R a = Vec::set1(inp[static_cast<int64_t>(i) * ldi + k]);
+    for (int j = 0; j < CV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
+  }
+}
+
 template <class WR, int ROWS, int CV>
 inline void blocked_tile(float* out, const float* inp, const typename WR::T* block, const float* bias, int K, int ldi,
                          int ldo, int n0, int ncols, bool accumulate) {
@@ -233,6 +271,7 @@ inline void blocked_tile(float* out, const float* inp, const typename WR::T* blo
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = Vec::zero();
   const typename WR::T* wp = block;
+  constexpr int KS = WR::KSTEP;
   // AVX2 decoding of 16-bit weights (one row, a whole block per pass) prefetches ahead (prefetch_ahead). Zen 3,
   // 2 threads, gpt2 decode, builds alternating over 6 rounds: bf16 69-77 -> 67-84 tok/s (ahead in 5 of 6),
   // fp16 68-83 -> 72-83 (ahead in 3); fp32 (one FMA a load) measured even alone and is left as it was.
@@ -240,15 +279,15 @@ inline void blocked_tile(float* out, const float* inp, const typename WR::T* blo
   // Unrolled by 4: a one-row tile's loop is a handful of instructions per 256 bytes, and its bookkeeping kept
   // fp32 decoding below what memory gives while the host's bandwidth was low (gpt2, Zen 5, 2 threads, ~50 GB/s:
   // AVX-512 87-90 -> 98-103 tok/s; at ~83 GB/s unchanged); AVX2 fp32 batch-16 401 -> 481-508; prefill unchanged.
+  int k = 0;
 #pragma GCC unroll 4
-  for (int k = 0; k < K; ++k, wp += BLOCK_COLS) {
-    if constexpr (decode_prefetch) prefetch_ahead(wp, BLOCK_COLS * sizeof(typename WR::T));
-    R b[CV];
-    for (int j = 0; j < CV; ++j) b[j] = WR::load(wp + j * W);  // the last block is zero-padded
-    for (int i = 0; i < ROWS; ++i) {
-      const R a = Vec::set1(inp[static_cast<int64_t>(i) * ldi + k]);
-      for (int j = 0; j < CV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
-    }
+  for (; k + KS <= K; k += KS, wp += KS * BLOCK_COLS) {
+    if constexpr (decode_prefetch) prefetch_ahead(wp, KS * BLOCK_COLS * sizeof(typename WR::T));
+    weight_row_fma<WR, 0>(acc, wp, inp, ldi, k);  // the last block is zero-padded
+    if constexpr (KS == 2) weight_row_fma<WR, 1>(acc, wp, inp, ldi, k + 1);
+  }
+  if constexpr (KS == 2) {
+    if (k < K) weight_row_fma<WR, 0>(acc, wp, inp, ldi, k);  // an odd K's last row, alone in its pair
   }
   for (int i = 0; i < ROWS; ++i) store_sums<CV>(out + static_cast<int64_t>(i) * ldo, acc[i], bias, n0, ncols, accumulate);
 }
@@ -274,7 +313,7 @@ inline void blocked_passes(float* out, const float* inp, const typename WR::T* w
       const int n0 = b * BLOCK_COLS + c;
       if (n0 >= N) break;
       const int ncols = N - n0 < PASS ? N - n0 : PASS;
-      const typename WR::T* block = weight + static_cast<int64_t>(b) * K * BLOCK_COLS + c;
+      const typename WR::T* block = weight + static_cast<int64_t>(b) * WR::rows(K) * BLOCK_COLS + WR::col(c);
       int m = 0;
       for (; m + SR <= M; m += SR)
         blocked_tile<WR, SR, CV>(out + static_cast<int64_t>(m) * ldo, inp + static_cast<int64_t>(m) * ldi, block, bias,
@@ -320,15 +359,19 @@ inline void chunk_tile(float* part, const float* inp, const typename WR::T* chun
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) acc[i][j] = first ? Vec::zero() : Vec::load(part + i * BLOCK_COLS + j * W);
   const typename WR::T* wp = chunk;
+  constexpr int KS = WR::KSTEP;
+  int k = 0;
 #pragma GCC unroll 4
-  for (int k = 0; k < kc; ++k, wp += BLOCK_COLS) {
+  for (; k + KS <= kc; k += KS, wp += KS * BLOCK_COLS) {
     __builtin_prefetch(prefetch + static_cast<int64_t>(k) * prefetch_step, 0, 3);
-    R b[CV];
-    for (int j = 0; j < CV; ++j) b[j] = WR::load(wp + j * W);
-    for (int i = 0; i < ROWS; ++i) {
-      const R a = Vec::set1(inp[static_cast<int64_t>(i) * ldi + k0 + k]);
-      for (int j = 0; j < CV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
+    weight_row_fma<WR, 0>(acc, wp, inp, ldi, k0 + k);
+    if constexpr (KS == 2) {
+      __builtin_prefetch(prefetch + static_cast<int64_t>(k + 1) * prefetch_step, 0, 3);
+      weight_row_fma<WR, 1>(acc, wp, inp, ldi, k0 + k + 1);
     }
+  }
+  if constexpr (KS == 2) {
+    if (k < kc) weight_row_fma<WR, 0>(acc, wp, inp, ldi, k0 + k);  // an odd K's last row (chunks start even)
   }
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) Vec::store(part + i * BLOCK_COLS + j * W, acc[i][j]);
@@ -353,7 +396,7 @@ inline void chunked_passes(float* out, const float* inp, const typename WR::T* w
   float* part = scratch_floats(static_cast<int64_t>(M) * BLOCK_COLS, 0);
   const int runs = (BLOCK_COLS / PASS) * ((M + SR - 1) / SR);  // tile runs per chunk
   for (int b = b0; b < b1; ++b) {
-    const typename WR::T* block = weight + static_cast<int64_t>(b) * K * BLOCK_COLS;
+    const typename WR::T* block = weight + static_cast<int64_t>(b) * WR::rows(K) * BLOCK_COLS;
     const int n0 = b * BLOCK_COLS;
     for (int k0 = 0; k0 < K; k0 += KCH) {
       const int kc = K - k0 < KCH ? K - k0 : KCH;
@@ -366,12 +409,12 @@ inline void chunked_passes(float* out, const float* inp, const typename WR::T* w
       int t = 0, m = 0;
       for (; m + SR <= M; m += SR)
         for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
-          chunk_tile<WR, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0, kc, ldi,
-                                 first, pf.share(t), pf.step);
+          chunk_tile<WR, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + WR::col(c), k0,
+                                 kc, ldi, first, pf.share(t), pf.step);
       if (m < M)
         for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
-          chunk_tail<WR, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + c, k0,
-                                 kc, ldi, first, pf.share(t), pf.step);
+          chunk_tail<WR, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi,
+                                 chunk + WR::col(c), k0, kc, ldi, first, pf.share(t), pf.step);
     }
     const int ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
     for (int i = 0; i < M; ++i) {
@@ -392,13 +435,23 @@ inline void blocked_pair_tile(float* out, const float* inp, const typename WR::T
   constexpr int CV = BLOCK_COLS / W;
   R acc[2 * CV];
   for (int j = 0; j < 2 * CV; ++j) acc[j] = Vec::zero();
+  constexpr int KS = WR::KSTEP;
   const typename WR::T* w0 = block;
-  const typename WR::T* w1 = block + static_cast<int64_t>(K) * BLOCK_COLS;
-#pragma GCC unroll 2
-  for (int k = 0; k < K; ++k, w0 += BLOCK_COLS, w1 += BLOCK_COLS) {
+  const typename WR::T* w1 = block + static_cast<int64_t>(WR::rows(K)) * BLOCK_COLS;
+  auto step = [&](auto s, int k) {  // weight row s of the stored rows at w0 and w1
+    constexpr int S = decltype(s)::value;
     const R a = Vec::set1(inp[k]);
-    for (int j = 0; j < CV; ++j) acc[j] = Vec::fma(a, WR::load(w0 + j * W), acc[j]);
-    for (int j = 0; j < CV; ++j) acc[CV + j] = Vec::fma(a, WR::load(w1 + j * W), acc[CV + j]);
+    for (int j = 0; j < CV; ++j) acc[j] = Vec::fma(a, WR::template load_row<S>(w0 + WR::col(j * W)), acc[j]);
+    for (int j = 0; j < CV; ++j) acc[CV + j] = Vec::fma(a, WR::template load_row<S>(w1 + WR::col(j * W)), acc[CV + j]);
+  };
+  int k = 0;
+#pragma GCC unroll 2
+  for (; k + KS <= K; k += KS, w0 += KS * BLOCK_COLS, w1 += KS * BLOCK_COLS) {
+    step(std::integral_constant<int, 0>(), k);
+    if constexpr (KS == 2) step(std::integral_constant<int, 1>(), k + 1);
+  }
+  if constexpr (KS == 2) {
+    if (k < K) step(std::integral_constant<int, 0>(), k);
   }
   store_sums<CV>(out, acc, bias, n0, N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS, accumulate);
   const int n1 = n0 + BLOCK_COLS;
@@ -445,8 +498,8 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
     if (M == 1) {
       int b = b0;
       for (; b + 2 <= b1; b += 2)
-        blocked_pair_tile<WR>(out, inp, weight + static_cast<int64_t>(b) * K * BLOCK_COLS, bias, K, b * BLOCK_COLS, N,
-                              accumulate);
+        blocked_pair_tile<WR>(out, inp, weight + static_cast<int64_t>(b) * WR::rows(K) * BLOCK_COLS, bias, K,
+                              b * BLOCK_COLS, N, accumulate);
       if (b < b1) blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b, b1, accumulate);
       return;
     }
@@ -572,9 +625,17 @@ namespace matmul_detail {
 // from 0.38% to 0.48% of the logits' RMS (tests/test_dtypes.py; the format's bound is 0.5%).
 // Weights are read where they are, [K][N] row-major (ldw apart) or blocked, a 64-column block at a time: a tile
 // is ROWS rows of out against the block's 64 columns, each k pair's two weight rows interleaved in registers.
-template <class D, bool EDGE>
+// Where a tile's weights come from: rows of a row-major matrix (rows_edge: its last block, columns from ncols on
+// not there), interleaved into pairs in registers; or the blocked layout's stored pairs, loaded as they are.
+enum class Bf16Src { rows, rows_edge, pairs };
+
+// The four pair registers of 64 columns at weight rows k, k + 1 (row0, row1; row1 null past an odd K's end).
+// From rows they come in BDot::pairs' column order, from stored pairs in column order.
+template <class D, Bf16Src SRC>
 inline void bf16_pair_rows(const uint16_t* row0, const uint16_t* row1, int ncols, typename D::preg* b) {
-  if constexpr (EDGE) {  // a row-major matrix's last block: columns from ncols on are not there
+  if constexpr (SRC == Bf16Src::pairs) {  // row0: the stored row of the pair (an odd K's last one zero-padded)
+    for (int j = 0; j < 4; ++j) b[j] = D::load(row0 + 32 * j);
+  } else if constexpr (SRC == Bf16Src::rows_edge) {
     D::pairs_partial(row0, row1, ncols, b[0], b[1]);
     D::pairs_partial(row0 + 32, row1 ? row1 + 32 : nullptr, ncols - 32, b[2], b[3]);
   } else {
@@ -583,7 +644,8 @@ inline void bf16_pair_rows(const uint16_t* row0, const uint16_t* row1, int ncols
   }
 }
 
-template <class D, int ROWS, bool EDGE>
+// ldb: the distance of weight row k + 1 from row k (stored pairs: BLOCK_COLS, half a stored row).
+template <class D, int ROWS, Bf16Src SRC>
 inline void bf16_dot_tile(float* out, const uint16_t* a16, int lda, const uint16_t* w, int64_t ldb, int K,
                           const float* bias, int ldo, int n0, int ncols, bool accumulate) {
   static_assert(!D::available || (BLOCK_COLS == 64 && W == 16), "a tile is one 64-column block: four registers of 16 sums");
@@ -595,38 +657,40 @@ inline void bf16_dot_tile(float* out, const uint16_t* a16, int lda, const uint16
   int k = 0;
 #pragma GCC unroll 4
   for (; k + 2 <= K; k += 2, wp += 2 * ldb) {
-    bf16_pair_rows<D, EDGE>(wp, wp + ldb, ncols, b);
+    bf16_pair_rows<D, SRC>(wp, wp + ldb, ncols, b);
     for (int i = 0; i < ROWS; ++i) {
       const typename D::preg x = D::bcast(a16 + static_cast<int64_t>(i) * lda + k);
       for (int j = 0; j < 4; ++j) acc[i][j] = D::dot(acc[i][j], x, b[j]);
     }
   }
   if (k < K) {  // odd K: the last row against zeros (the activations' pair is padded with a zero too)
-    bf16_pair_rows<D, EDGE>(wp, nullptr, ncols, b);
+    bf16_pair_rows<D, SRC>(wp, nullptr, ncols, b);
     for (int i = 0; i < ROWS; ++i) {
       const typename D::preg x = D::bcast(a16 + static_cast<int64_t>(i) * lda + k);
       for (int j = 0; j < 4; ++j) acc[i][j] = D::dot(acc[i][j], x, b[j]);
     }
   }
   for (int i = 0; i < ROWS; ++i) {
-    D::columns(acc[i][0], acc[i][1]);
-    D::columns(acc[i][2], acc[i][3]);
+    if constexpr (SRC != Bf16Src::pairs) {
+      D::columns(acc[i][0], acc[i][1]);
+      D::columns(acc[i][2], acc[i][3]);
+    }
     store_sums<4>(out + static_cast<int64_t>(i) * ldo, acc[i], bias, n0, ncols, accumulate);
   }
 }
 
-template <class D, int ROWS, bool EDGE>
+template <class D, int ROWS, Bf16Src SRC>
 inline void bf16_dot_rows(int rows, float* out, const uint16_t* a16, int lda, const uint16_t* w, int64_t ldb, int K,
                           const float* bias, int ldo, int n0, int ncols, bool accumulate) {
   int m = 0;
   for (; m + ROWS <= rows; m += ROWS)
-    bf16_dot_tile<D, ROWS, EDGE>(out + static_cast<int64_t>(m) * ldo, a16 + static_cast<int64_t>(m) * lda, lda, w,
-                                 ldb, K, bias, ldo, n0, ncols, accumulate);
+    bf16_dot_tile<D, ROWS, SRC>(out + static_cast<int64_t>(m) * ldo, a16 + static_cast<int64_t>(m) * lda, lda, w,
+                                ldb, K, bias, ldo, n0, ncols, accumulate);
   if constexpr (ROWS > 1) {
     if (m < rows)
-      bf16_dot_rows<D, ROWS - 1, EDGE>(rows - m, out + static_cast<int64_t>(m) * ldo,
-                                       a16 + static_cast<int64_t>(m) * lda, lda, w, ldb, K, bias, ldo, n0, ncols,
-                                       accumulate);
+      bf16_dot_rows<D, ROWS - 1, SRC>(rows - m, out + static_cast<int64_t>(m) * ldo,
+                                      a16 + static_cast<int64_t>(m) * lda, lda, w, ldb, K, bias, ldo, n0, ncols,
+                                      accumulate);
   }
 }
 
@@ -666,12 +730,17 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
     ranges.run(t, nt, [&](int64_t b0, int64_t b1) {
       for (int b = static_cast<int>(b0); b < b1; ++b) {
         const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
-        const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
-        const int64_t ldb = blocked ? BLOCK_COLS : ldw;
-        if (blocked || ncols == BLOCK_COLS)  // a blocked matrix's last block is zero-padded
-          bf16_dot_rows<D, BF16_DOT_ROWS, false>(M, out, a16, lda, w, ldb, K, bias, ldo, n0, ncols, accumulate);
-        else
-          bf16_dot_rows<D, BF16_DOT_ROWS, true>(M, out, a16, lda, w, ldb, K, bias, ldo, n0, ncols, accumulate);
+        if (blocked) {  // stored pairs, the last block zero-padded
+          const uint16_t* w = weight + static_cast<int64_t>(b) * kBf16Rows(K) * BLOCK_COLS;
+          bf16_dot_rows<D, BF16_DOT_ROWS, Bf16Src::pairs>(M, out, a16, lda, w, BLOCK_COLS, K, bias, ldo, n0, ncols,
+                                                          accumulate);
+        } else if (ncols == BLOCK_COLS) {
+          bf16_dot_rows<D, BF16_DOT_ROWS, Bf16Src::rows>(M, out, a16, lda, weight + n0, ldw, K, bias, ldo, n0, ncols,
+                                                         accumulate);
+        } else {
+          bf16_dot_rows<D, BF16_DOT_ROWS, Bf16Src::rows_edge>(M, out, a16, lda, weight + n0, ldw, K, bias, ldo, n0,
+                                                              ncols, accumulate);
+        }
       }
     });
   });
@@ -682,14 +751,23 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
 // batched with. Each output element is the sum over k chunks of 32 in order from zero, each chunk's 32
 // products added by tdpbf16ps (which sums a chunk more exactly than a chain of vdpbf16ps: its bits differ from
 // bf16_dot_matmul's, its error against float64 was a quarter of theirs), then + bias, then + out. Each thread
-// takes whole 64-column blocks and lays a block's weights out in k pairs (Tiles::pack_bf16_chunk, in its own
-// scratch): up to 16 rows a chunk at a time just before its products, more rows the whole block once, which
-// every pair of 16-row tiles then runs against. The activations are zero-padded to a multiple of 16 rows and
-// of 32 k; up to 16 rows, the tiles are configured with M rows (a product's time grows with its rows).
+// takes whole 64-column blocks. A blocked matrix's stored pairs are the weight tiles as they are (16 stored rows
+// of a 32-k chunk, 256 bytes apart, columns in order): the tiles load them in place, and only a K that is not a
+// multiple of 32 has its last chunk copied out with zeros after it. A row-major matrix is laid out in k pairs
+// in the thread's scratch (Tiles::pack_bf16_chunk, in vpunpck's column order). Up to 16 rows, a chunk at a time
+// just before its products (decoding: reading the weights overlaps the chunk before), more rows the whole
+// block once, which every pair of 16-row tiles then runs against. The activations are zero-padded to a multiple
+// of 16 rows and of 32 k; up to 16 rows, the tiles are configured with M rows (a product's time grows with them).
+// Stored pairs instead of a copy per chunk: gpt2 bf16 decode 99-100 -> 109-112 tok/s (timed with the copy left
+// out, same process order, before the layout changed).
 template <class TL, class D>
 void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool blocked, const float* bias, int M,
                       int K, int N, int ldi, int ldo, int ldw, bool accumulate, bool team) {
   const int K32 = (K + 31) & ~31, chunks = K32 / 32, M16 = (M + 15) & ~15;
+  const int full_chunks = kBf16Rows(K) / 32;  // of a blocked matrix's stored pairs
+  // Tiles load a blocked matrix in place where it is aligned to cache lines (every block then is): a tile's 64-byte
+  // rows would otherwise each span two lines (gpt2 512 x 768 x 2304, 16 bytes off: 1,500 -> 1,300 GFLOP/s).
+  const bool in_place = blocked && (reinterpret_cast<uintptr_t>(weight) & 63) == 0;
   const int lda = K32;
   uint16_t* a16 = reinterpret_cast<uint16_t*>(scratch_floats(static_cast<int64_t>(M16) * lda / 2, 2));
   auto round_rows = [&](int m0, int m1) {  // rows from M on are padding: all zeros, as is every row past K
@@ -707,7 +785,8 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
     for (int i = 0; i < rows; ++i) {
       R acc[4];
       for (int j = 0; j < nv; ++j) acc[j] = Vec::load(c + i * ldc + j * W);
-      for (int j = 0; j < nv; j += 2) D::columns(acc[j], acc[j + 1]);  // the weight tiles' column order
+      if (!blocked)  // packed rows: the weight tiles in vpunpck's column order
+        for (int j = 0; j < nv; j += 2) D::columns(acc[j], acc[j + 1]);
       if (nv == 2)
         store_sums<2>(out + static_cast<int64_t>(m0 + i) * ldo, acc, bias, c0, cols, accumulate);
       else
@@ -734,28 +813,45 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
     ranges.run(t, nt, [&](int64_t b0, int64_t b1) {
       for (int b = static_cast<int>(b0); b < b1; ++b) {
         const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
-        const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * K * BLOCK_COLS : weight + n0;
-        const int64_t ldb = blocked ? BLOCK_COLS : ldw;
-        const int wcols = blocked ? BLOCK_COLS : ncols;
+        const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * kBf16Rows(K) * BLOCK_COLS : weight + n0;
+        // Chunk ch of the block as tiles: in place, or laid out at dst.
+        auto chunk_tiles = [&](int ch, uint16_t* dst) -> const uint16_t* {
+          const uint16_t* stored = w + static_cast<int64_t>(ch) * 32 * BLOCK_COLS;
+          if (!blocked) {
+            TL::pack_bf16_chunk(dst, w, ldw, ch * 32, K, ncols);
+            return dst;
+          }
+          const int pairs = ch < full_chunks ? 16 : (kBf16Rows(K) - ch * 32) / 2;  // the last chunk may be part of one
+          if (pairs == 16 && in_place) return stored;
+          std::memcpy(dst, stored, static_cast<size_t>(pairs) * 2 * BLOCK_COLS * sizeof(uint16_t));
+          std::memset(dst + pairs * 2 * BLOCK_COLS, 0, static_cast<size_t>(16 - pairs) * 2 * BLOCK_COLS * sizeof(uint16_t));
+          return dst;
+        };
         if (M16 == 16) {
-          // One tile of rows (decoding, batches up to 16): each chunk is laid out just before it is used, so
-          // that reading the weights from memory overlaps the tile products of the chunk before.
+          // One tile of rows (decoding, batches up to 16), a chunk at a time: reading the weights from memory
+          // overlaps the tile products of the chunk before.
           TL::zero_sums();
           for (int ch = 0; ch < chunks; ++ch) {
             if (blocked) prefetch_ahead(w + static_cast<int64_t>(ch) * 32 * BLOCK_COLS, 32 * BLOCK_COLS * 2);
-            TL::pack_bf16_chunk(wpack, w, ldb, ch * 32, K, wcols);
-            TL::bf16_chunk_rows16(a16 + ch * 32, lda, wpack);
+            TL::bf16_chunk_rows16(a16 + ch * 32, lda, chunk_tiles(ch, wpack));
           }
           TL::store_rows16(cbuf);
           store_rows(cbuf, 0, M, 64, 4, n0, ncols);
           continue;
         }
-        for (int ch = 0; ch < chunks; ++ch)
-          TL::pack_bf16_chunk(wpack + static_cast<int64_t>(ch) * 16 * 128, w, ldb, ch * 32, K, wcols);
+        const uint16_t* wtiles = w;  // every chunk's tiles, one after the other (16 x 128 values each)
+        if (!in_place || full_chunks < chunks) {
+          for (int ch = 0; ch < chunks; ++ch) {
+            uint16_t* dst = wpack + static_cast<int64_t>(ch) * 16 * 128;
+            const uint16_t* src = chunk_tiles(ch, dst);
+            if (src != dst) std::memcpy(dst, src, 16 * 128 * sizeof(uint16_t));
+          }
+          wtiles = wpack;
+        }
         int m = 0;
         for (; m + 32 <= M16; m += 32) {
           for (int j0 = 0; j0 < 4 && 16 * j0 < ncols; j0 += 2) {
-            TL::bf16_rows32(cbuf, a16 + static_cast<int64_t>(m) * lda, lda, wpack, j0, chunks);
+            TL::bf16_rows32(cbuf, a16 + static_cast<int64_t>(m) * lda, lda, wtiles, j0, chunks);
             const int cols = ncols - 16 * j0 < 32 ? ncols - 16 * j0 : 32;
             store_rows(cbuf, m, M - m < 32 ? M - m : 32, 32, 2, n0 + 16 * j0, cols);
           }
@@ -764,7 +860,7 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
           TL::zero_sums();
           for (int ch = 0; ch < chunks; ++ch)
             TL::bf16_chunk_rows16(a16 + static_cast<int64_t>(m) * lda + ch * 32, lda,
-                                  wpack + static_cast<int64_t>(ch) * 16 * 128);
+                                  wtiles + static_cast<int64_t>(ch) * 16 * 128);
           TL::store_rows16(cbuf);
           store_rows(cbuf, m, M - m, 64, 4, n0, ncols);
         }
@@ -849,8 +945,8 @@ void matmul_impl(float* out, const float* inp, const typename WR::T* weight, boo
     StealingRanges ranges(nb, M <= STEAL_MAX_M ? 2 : nb);
     parallel_region_if(parallel, [&](int t, int nt) {
       ranges.run(t, nt, [&](int64_t b0, int64_t b1) {
-        blocked_direct<WR>(out, inp, weight, bias, M, K, N, ldi, ldo, static_cast<int>(b0), static_cast<int>(b1),
-                           accumulate);
+        blocked_direct<BlockedW<WR>>(out, inp, weight, bias, M, K, N, ldi, ldo, static_cast<int>(b0),
+                                     static_cast<int>(b1), accumulate);
       });
     });
     return;

@@ -18,8 +18,9 @@ namespace gptcpp {
 namespace {
 
 // One row of the token embedding table, widened to float32. The table is usually stored transposed for the
-// LM head, [n_embd, vocab] in the matrix kernels' blocked layout (f32/f16/bf16: [vocab/64][n_embd][64]; q8:
-// qmatmul.inl's), so a token's row is its column there, one element every 64 (q8: byte k%4 of column
+// LM head, [n_embd, vocab] in the matrix kernels' blocked layout (f32/f16: [vocab/64][n_embd][64]; bf16 in k
+// pairs, [vocab/64][n_embd/2][64][2]; q8: qmatmul.inl's), so a token's row is its column there, one element every
+// 64 (bf16: a pair every 128; q8: byte k%4 of column
 // token%64 in quad k/4 of block token/64, times the fp16 scale of its group; q6: its nibble and top bits the
 // same way). A row-major [vocab, n_embd] table (passed as it is in a checkpoint) is read directly.
 template <class T, class Widen>
@@ -33,6 +34,11 @@ void table_row(float* out, const T* data, bool blocked, int32_t token, int C, Wi
   for (int j = 0; j < C; ++j) out[j] = widen(p[static_cast<int64_t>(j) * kBlockCols]);
 }
 
+void bf16_pairs_table_row(float* out, const uint16_t* data, int32_t token, int C) {
+  const uint16_t* p = data + static_cast<int64_t>(token / kBlockCols) * kBf16Rows(C) * kBlockCols + 2 * (token % kBlockCols);
+  for (int j = 0; j < C; ++j) out[j] = bf16_to_f32(p[static_cast<int64_t>(j / 2) * 2 * kBlockCols + j % 2]);
+}
+
 void embedding_row(float* out, const WeightView& wte, int32_t token, int C, int vocab) {
   switch (wte.dtype) {
     case DType::f32:
@@ -42,7 +48,10 @@ void embedding_row(float* out, const WeightView& wte, int32_t token, int C, int 
       table_row(out, static_cast<const uint16_t*>(wte.data), wte.blocked, token, C, f16_to_f32);
       break;
     case DType::bf16:
-      table_row(out, static_cast<const uint16_t*>(wte.data), wte.blocked, token, C, bf16_to_f32);
+      if (wte.blocked)
+        bf16_pairs_table_row(out, static_cast<const uint16_t*>(wte.data), token, C);
+      else
+        table_row(out, static_cast<const uint16_t*>(wte.data), false, token, C, bf16_to_f32);
       break;
     case DType::q4:
       throw std::invalid_argument("an int4 token embedding is not supported");  // refused at load already

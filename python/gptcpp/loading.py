@@ -262,6 +262,13 @@ def load_weights(directory: str, cfg: GPT2Config) -> tuple[LoadedTensors, dict]:
             if arr.dtype != np_dtype:
                 raise CheckpointError(f"{directory}: tensor {name!r} is {arr.dtype}, but a {stored} checkpoint "
                                       f"stores it as {np.dtype(np_dtype)}")
+        if stored == "bf16" and arr.ndim == 4 and arr.ctypes.data % 64:
+            # bf16's blocked pairs are read in place by AMX tiles, which want them line-aligned (aligned_empty);
+            # the file puts tensors where their sizes fall
+            from .quantize import aligned_copy
+            tensors[canon] = aligned_copy(arr)
+            f.release(name)
+            continue
         tensors[canon] = np.ascontiguousarray(arr)
         tensors.sources[canon] = (f, name)
     return tensors, metadata

@@ -4,7 +4,8 @@ Only the large matrices change format: the token embedding (which is also the ti
 block's c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj weights. Layer norms, biases and the position
 embedding stay float32. Every format, fp32 included, stores the matrices in the kernels' blocked layout
 (column blocks of 64, each a contiguous [K][64] run: decoding streams each block front to back, batches and
-prefill read it without packing), and the token embedding transposed, [n_embd, vocab], as the LM head's
+prefill read it without packing; bf16 in pairs of k, [K/2][64][2], as its dot products take them), and the
+token embedding transposed, [n_embd, vocab], as the LM head's
 [K, N] matrix (an embedding lookup gathers a token's column from it). A Hugging Face checkpoint is converted
 when loaded; one written by `gptcpp quantize` (fp32 too) is already in this layout and is used in place.
 - fp16 / bf16: IEEE half (F16C) / bfloat16 (the top 16 bits of a float32), rounded to nearest even; the kernels
@@ -116,8 +117,8 @@ def quantize_int8(name: str, w: np.ndarray, outlier_rows=None, bits: int = 8) ->
         rows = np.asarray(outlier_rows, dtype=np.int32)
         out[name + ".outlier_rows"] = rows
         out[name + ".outlier_weights"] = np.ascontiguousarray(_to_fp16(name, w[rows]))
-    q_all = np.empty((nb, Kp * bits // 32, BLOCK_COLS, 4), dtype=np.int8 if bits == 8 else np.uint8)
-    scale_all = np.empty((nb, Kp // GROUP, BLOCK_COLS), dtype=np.float16)
+    q_all = aligned_empty((nb, Kp * bits // 32, BLOCK_COLS, 4), np.int8 if bits == 8 else np.uint8)
+    scale_all = aligned_empty((nb, Kp // GROUP, BLOCK_COLS), np.float16)
     # Columns go CHUNK blocks at a time (every step below is per column), so that the float temporaries stay a
     # few MB instead of several copies of the whole matrix (the embedding of gpt2 is 154 MB in float32).
     CHUNK = 16
@@ -182,13 +183,34 @@ def unpack_quads(q: np.ndarray, K: int) -> np.ndarray:
     return ((low | (top << np.uint8(4))).astype(np.int8) - 32).reshape(nb, Kp // 4, BLOCK_COLS, 4)
 
 
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on a 64-byte cache line. The kernels read blocked
+    matrices in place (AMX tiles load bf16 pairs as stored): a block that is not line-aligned has every 64-byte
+    row span two lines."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def to_blocked(w: np.ndarray, transpose: bool = False) -> np.ndarray:
     """[K, N] -> [ceil(N/64), K, 64]: column blocks, each contiguous, the last zero-padded (see
     csrc/kernels/matmul.inl). transpose: w is [N, K] (an embedding table) and w.T is blocked. Only the result
-    is allocated, so converting a checkpoint needs no more than one extra copy of the tensor at hand."""
+    is allocated, so converting a checkpoint needs no more than one extra copy of the tensor at hand.
+    bf16 (uint16 bits) is blocked in pairs of k: [ceil(N/64), ceil(K/2), 64, 2], element (k, n) of a block at
+    [k // 2, n % 64, k % 2], an odd K's last pair padded with a zero (csrc/kernels/kernels.h, kBf16Rows)."""
     N, K = w.shape if transpose else w.shape[::-1]
     nb, full = -(-N // BLOCK_COLS), N // BLOCK_COLS
-    out = np.empty((nb, K, BLOCK_COLS), dtype=w.dtype)
+    if w.dtype == np.uint16:
+        return _blocked_pairs(w, transpose, N, K, nb, full)
+    out = aligned_empty((nb, K, BLOCK_COLS), w.dtype)
     if transpose:
         out[:full] = w[:full * BLOCK_COLS].reshape(full, BLOCK_COLS, K).transpose(0, 2, 1)
     else:
@@ -199,9 +221,27 @@ def to_blocked(w: np.ndarray, transpose: bool = False) -> np.ndarray:
     return out
 
 
-def from_blocked(b: np.ndarray, n: int) -> np.ndarray:
+def _blocked_pairs(w: np.ndarray, transpose: bool, N: int, K: int, nb: int, full: int) -> np.ndarray:
+    out = aligned_empty((nb, (K + 1) // 2, BLOCK_COLS, 2), np.uint16)
+    out[-1] = 0  # a partial last block's padding columns
+    if K % 2:
+        out[:, K // 2, :, 1] = 0  # an odd K's last pair
+    for b in range(nb):  # a block at a time: one block's copy beside the result
+        cols = w[b * BLOCK_COLS:(b + 1) * BLOCK_COLS].T if transpose else w[:, b * BLOCK_COLS:(b + 1) * BLOCK_COLS]
+        n = cols.shape[1]
+        out[b, :K // 2, :n] = cols[:K // 2 * 2].reshape(K // 2, 2, n).transpose(0, 2, 1)
+        if K % 2:
+            out[b, K // 2, :n, 0] = cols[K - 1]
+    return out
+
+
+def from_blocked(b: np.ndarray, n: int, k: int | None = None) -> np.ndarray:
+    """The [K, n] matrix of a blocked one (bf16 pairs: K rounded up to even, unless k is given)."""
+    if b.ndim == 4:  # bf16 in pairs of k
+        nb, half, _, _ = b.shape
+        b = b.transpose(0, 1, 3, 2).reshape(nb, 2 * half, BLOCK_COLS)
     nb, K, _ = b.shape
-    return b.transpose(1, 0, 2).reshape(K, nb * BLOCK_COLS)[:, :n]
+    return b.transpose(1, 0, 2).reshape(K, nb * BLOCK_COLS)[:k, :n]
 
 
 def convert_tensors(tensors: dict[str, np.ndarray], dtype: str, release=None) -> dict[str, np.ndarray]:
@@ -238,12 +278,16 @@ def convert_tensors(tensors: dict[str, np.ndarray], dtype: str, release=None) ->
 #    same as version 3 and still read).
 # 4: int4's token embedding / LM head in 6 bits instead of 8 (other formats' files of version 3, and int8's of
 #    version 2, are the same as version 4 and still read; int4 files of versions 2 and 3 are refused).
-FORMAT_VERSION = "4"
+# 5: bf16 matrices blocked in pairs of k (other formats' files of version 4 are the same and still read, with
+#    those of version 3 as before; bf16 files of older versions are refused).
+FORMAT_VERSION = "5"
 OPTIONAL_SUFFIXES = (".outlier_rows", ".outlier_weights")
 
 
 def readable_format(dtype: str, version) -> bool:
-    return (version == FORMAT_VERSION or (version == "3" and dtype != "int4")
+    if dtype == "bf16":
+        return version == FORMAT_VERSION
+    return (version in (FORMAT_VERSION, "4") or (version == "3" and dtype != "int4")
             or (version == "2" and dtype == "int8"))
 
 
@@ -266,6 +310,8 @@ def stored_shapes(cfg, dtype: str) -> dict:
             out[name + ".scale"] = ((nb, Kp // GROUP, BLOCK_COLS), np.float16)
             out[name + ".outlier_rows"] = ((None,), np.int32)
             out[name + ".outlier_weights"] = ((None, N), np.float16)
+        elif is_matrix(name) and dtype == "bf16":
+            out[name] = ((nb, (K + 1) // 2, BLOCK_COLS, 2), narrow)
         elif is_matrix(name):
             out[name] = ((nb, K, BLOCK_COLS), narrow)
         else:
