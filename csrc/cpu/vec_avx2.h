@@ -29,9 +29,16 @@ struct Vec {
   static inline reg load_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   }
-  // bf16 in k pairs (see vec_avx512.h): 8 columns of row k (even) or k + 1 (odd).
+  // bf16 in k pairs (see vec_avx512.h): 8 columns of row k (even) or k + 1 (odd). With 16 registers a 6 x 2
+  // tile has none to spare for the even row's lanes or a mask: the odd row shifts up the 32 bits that start one
+  // value later (its own value low, the next column's k above it, shifted out), a load of its own that reads
+  // 2 bytes past the 8 pairs (load_bf16_odd_within: only where more of the matrix follows; gpt2 bf16 pp512 on
+  // an Intel Xeon 870-900 tok/s with the lanes loaded again and cleared by two shifts, 930-945 this way).
   static inline reg load_bf16_even(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+  }
+  static inline reg load_bf16_odd_within(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 1)), 16));
   }
   static inline reg load_bf16_odd(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),

@@ -32,6 +32,7 @@ struct Vec {
   // bf16 in k pairs (see vec_avx512.h): 8 columns of row k (even) or k + 1 (odd).
   static inline reg load_bf16_even(const uint16_t* p) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = gptcpp::bf16_to_f32(p[2 * i]); return r; }
   static inline reg load_bf16_odd(const uint16_t* p) { reg r; for (int i = 0; i < 8; ++i) r.v[i] = gptcpp::bf16_to_f32(p[2 * i + 1]); return r; }
+  static inline reg load_bf16_odd_within(const uint16_t* p) { return load_bf16_odd(p); }
 #define GPTCPP_VEC_BINOP(name, expr) \
   static inline reg name(reg a, reg b) { reg r; for (int i = 0; i < 8; ++i) { float x = a.v[i], y = b.v[i]; r.v[i] = (expr); } return r; }
   GPTCPP_VEC_BINOP(add, x + y)

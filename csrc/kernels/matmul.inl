@@ -23,13 +23,14 @@ constexpr int BLOCK_COLS = kBlockCols;
 // Weight readers: the one place that knows a storage format. Every path loads weights through one of
 // these, so all formats share the same kernels (grouped int8 has its own: qmatmul.inl). load / load_partial
 // read W consecutive values of a row; the blocked paths walk a block's stored rows, each KSTEP rows of the
-// matrix (load_row<S>: row S of them, from the stored row's column col(c)), rows(K) of them a block.
+// matrix (load_row(p, s, last): row s of them, from the stored row's column col(c); last: the block's last
+// stored row), rows(K) of them a block.
 struct F32W {
   using T = float;
   static constexpr int KSTEP = 1;
   static R load(const T* p) { return Vec::load(p); }
   static R load_partial(const T* p, int n) { return Vec::load_partial(p, n); }
-  template <int S> static R load_row(const T* p) { return load(p); }
+  static R load_row(const T* p, int, bool) { return load(p); }
   static constexpr int col(int c) { return c; }
   static constexpr int rows(int K) { return K; }
 };
@@ -38,7 +39,7 @@ struct F16W {
   static constexpr int KSTEP = 1;
   static R load(const T* p) { return Vec::load_f16(p); }
   static R load_partial(const T* p, int n) { return Vec::load_f16_partial(p, n); }
-  template <int S> static R load_row(const T* p) { return load(p); }
+  static R load_row(const T* p, int, bool) { return load(p); }
   static constexpr int col(int c) { return c; }
   static constexpr int rows(int K) { return K; }
 };
@@ -54,9 +55,9 @@ struct BF16W {  // row-major bf16
 struct BF16PairW {
   using T = uint16_t;
   static constexpr int KSTEP = 2;
-  template <int S> static R load_row(const T* p) {
-    if constexpr (S == 0) return Vec::load_bf16_even(p);
-    else return Vec::load_bf16_odd(p);
+  // last: the block's last stored row, whose loads must not pass its end (AVX2's odd rows otherwise read 2 bytes on)
+  static R load_row(const T* p, int s, bool last) {
+    return s == 0 ? Vec::load_bf16_even(p) : last ? Vec::load_bf16_odd(p) : Vec::load_bf16_odd_within(p);
   }
   static constexpr int col(int c) { return 2 * c; }
   static constexpr int rows(int K) { return kBf16Rows(K); }
@@ -253,17 +254,6 @@ inline void prefetch_ahead(const void* p, int bytes) {
 // fp16 +1.3% (ahead in 14-16 of 20 rounds). pp512 measured even: above this each thread's range goes whole.
 constexpr int STEAL_MAX_M = 64;
 
-// One weight row's step of a tile: acc[i][j] += inp[i][k] * (row S of the stored row at wp, columns j W ..).
-template <class WR, int S, int ROWS, int CV>
-inline void weight_row_fma(R (&acc)[ROWS][CV], const typename WR::T* wp, const float* inp, int ldi, int k) {
-  R b[CV];
-  for (int j = 0; j < CV; ++j) b[j] = WR::template load_row<S>(wp + WR::col(j * W));
-  for (int i = 0; i < ROWS; ++i) {
-    const R a = Vec::set1(inp[static_cast<int64_t>(i) * ldi + k]);
-    for (int j = 0; j < CV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);
-  }
-}
-
 template <class WR, int ROWS, int CV>
 inline void blocked_tile(float* out, const float* inp, const typename WR::T* block, const float* bias, int K, int ldi,
                          int ldo, int n0, int ncols, bool accumulate) {
@@ -279,15 +269,27 @@ inline void blocked_tile(float* out, const float* inp, const typename WR::T* blo
   // Unrolled by 4: a one-row tile's loop is a handful of instructions per 256 bytes, and its bookkeeping kept
   // fp32 decoding below what memory gives while the host's bandwidth was low (gpt2, Zen 5, 2 threads, ~50 GB/s:
   // AVX-512 87-90 -> 98-103 tok/s; at ~83 GB/s unchanged); AVX2 fp32 batch-16 401 -> 481-508; prefill unchanged.
+  // Weight rows k .. k + n - 1 of the stored row at wp (bf16 pairs: n = 2, or 1 for an odd K's last row; last:
+  // the block's last stored row). (Written out in each kernel: passing acc to a helper by reference left GCC
+  // keeping it in memory.)
+#define GPTCPP_WEIGHT_ROWS_FMA(n, last)                                                         \
+  for (int s = 0; s < (n); ++s) {                                                               \
+    R b[CV];                                                                                    \
+    for (int j = 0; j < CV; ++j) b[j] = WR::load_row(wp + WR::col(j * W), s, last);             \
+    for (int i = 0; i < ROWS; ++i) {                                                            \
+      const R a = Vec::set1(inp[static_cast<int64_t>(i) * ldi + k0 + k + s]);                   \
+      for (int j = 0; j < CV; ++j) acc[i][j] = Vec::fma(a, b[j], acc[i][j]);                    \
+    }                                                                                           \
+  }
+  constexpr int k0 = 0;
   int k = 0;
 #pragma GCC unroll 4
-  for (; k + KS <= K; k += KS, wp += KS * BLOCK_COLS) {
+  for (; k + KS < K; k += KS, wp += KS * BLOCK_COLS) {
     if constexpr (decode_prefetch) prefetch_ahead(wp, KS * BLOCK_COLS * sizeof(typename WR::T));
-    weight_row_fma<WR, 0>(acc, wp, inp, ldi, k);  // the last block is zero-padded
-    if constexpr (KS == 2) weight_row_fma<WR, 1>(acc, wp, inp, ldi, k + 1);
+    GPTCPP_WEIGHT_ROWS_FMA(KS, false)  // the last block is zero-padded
   }
-  if constexpr (KS == 2) {
-    if (k < K) weight_row_fma<WR, 0>(acc, wp, inp, ldi, k);  // an odd K's last row, alone in its pair
+  if (k < K) {
+    GPTCPP_WEIGHT_ROWS_FMA(K - k, true)  // the last stored row (bf16: an odd K's last row alone in its pair)
   }
   for (int i = 0; i < ROWS; ++i) store_sums<CV>(out + static_cast<int64_t>(i) * ldo, acc[i], bias, n0, ncols, accumulate);
 }
@@ -362,20 +364,18 @@ inline void chunk_tile(float* part, const float* inp, const typename WR::T* chun
   constexpr int KS = WR::KSTEP;
   int k = 0;
 #pragma GCC unroll 4
-  for (; k + KS <= kc; k += KS, wp += KS * BLOCK_COLS) {
-    __builtin_prefetch(prefetch + static_cast<int64_t>(k) * prefetch_step, 0, 3);
-    weight_row_fma<WR, 0>(acc, wp, inp, ldi, k0 + k);
-    if constexpr (KS == 2) {
-      __builtin_prefetch(prefetch + static_cast<int64_t>(k + 1) * prefetch_step, 0, 3);
-      weight_row_fma<WR, 1>(acc, wp, inp, ldi, k0 + k + 1);
-    }
+  for (; k + KS < kc; k += KS, wp += KS * BLOCK_COLS) {
+    for (int s = 0; s < KS; ++s) __builtin_prefetch(prefetch + static_cast<int64_t>(k + s) * prefetch_step, 0, 3);
+    GPTCPP_WEIGHT_ROWS_FMA(KS, false)
   }
-  if constexpr (KS == 2) {
-    if (k < kc) weight_row_fma<WR, 0>(acc, wp, inp, ldi, k0 + k);  // an odd K's last row (chunks start even)
+  if (k < kc) {  // the chunk's last stored row (bf16: an odd K's last row alone in its pair; chunks start even)
+    for (int s = 0; s < kc - k; ++s) __builtin_prefetch(prefetch + static_cast<int64_t>(k + s) * prefetch_step, 0, 3);
+    GPTCPP_WEIGHT_ROWS_FMA(kc - k, true)
   }
   for (int i = 0; i < ROWS; ++i)
     for (int j = 0; j < CV; ++j) Vec::store(part + i * BLOCK_COLS + j * W, acc[i][j]);
 }
+#undef GPTCPP_WEIGHT_ROWS_FMA
 
 template <class WR, int ROWS, int CV>
 inline void chunk_tail(int rows, float* part, const float* inp, const typename WR::T* chunk, int k0, int kc, int ldi,
@@ -438,21 +438,17 @@ inline void blocked_pair_tile(float* out, const float* inp, const typename WR::T
   constexpr int KS = WR::KSTEP;
   const typename WR::T* w0 = block;
   const typename WR::T* w1 = block + static_cast<int64_t>(WR::rows(K)) * BLOCK_COLS;
-  auto step = [&](auto s, int k) {  // weight row s of the stored rows at w0 and w1
-    constexpr int S = decltype(s)::value;
-    const R a = Vec::set1(inp[k]);
-    for (int j = 0; j < CV; ++j) acc[j] = Vec::fma(a, WR::template load_row<S>(w0 + WR::col(j * W)), acc[j]);
-    for (int j = 0; j < CV; ++j) acc[CV + j] = Vec::fma(a, WR::template load_row<S>(w1 + WR::col(j * W)), acc[CV + j]);
-  };
   int k = 0;
+  auto rows = [&](int n, bool last) {  // weight rows k .. k + n - 1 of the stored rows at w0 and w1
+    for (int s = 0; s < n; ++s) {
+      const R a = Vec::set1(inp[k + s]);
+      for (int j = 0; j < CV; ++j) acc[j] = Vec::fma(a, WR::load_row(w0 + WR::col(j * W), s, last), acc[j]);
+      for (int j = 0; j < CV; ++j) acc[CV + j] = Vec::fma(a, WR::load_row(w1 + WR::col(j * W), s, last), acc[CV + j]);
+    }
+  };
 #pragma GCC unroll 2
-  for (; k + KS <= K; k += KS, w0 += KS * BLOCK_COLS, w1 += KS * BLOCK_COLS) {
-    step(std::integral_constant<int, 0>(), k);
-    if constexpr (KS == 2) step(std::integral_constant<int, 1>(), k + 1);
-  }
-  if constexpr (KS == 2) {
-    if (k < K) step(std::integral_constant<int, 0>(), k);
-  }
+  for (; k + KS < K; k += KS, w0 += KS * BLOCK_COLS, w1 += KS * BLOCK_COLS) rows(KS, false);
+  if (k < K) rows(K - k, true);  // the last stored row (bf16: an odd K's last row alone in its pair)
   store_sums<CV>(out, acc, bias, n0, N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS, accumulate);
   const int n1 = n0 + BLOCK_COLS;
   store_sums<CV>(out, acc + CV, bias, n1, N - n1 < BLOCK_COLS ? N - n1 : BLOCK_COLS, accumulate);
