@@ -1,6 +1,7 @@
 """Shared test helpers: random-weight GPT-2 checkpoints built with transformers, and the ISA levels."""
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 
@@ -94,3 +95,15 @@ def copy_gpt2_vocab(directory):
 
 def rng_ids(n, vocab, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
+
+
+def reaches_mmap(arr):
+    """Whether an array's data is (a view of) a memory map rather than memory numpy allocated."""
+    b = arr
+    while isinstance(b, np.ndarray):
+        if b.flags.owndata:
+            return False
+        b = b.base
+    if isinstance(b, memoryview):
+        b = b.obj
+    return isinstance(b, mmap.mmap)

@@ -7,7 +7,7 @@ import gptcpp
 from gptcpp import _core
 from gptcpp.quantize import (GROUP, bf16_to_f32, dequantize_int8, from_blocked, quantize_int8, to_bf16, to_blocked,
                              unpack_quads)
-from conftest import random_gpt2, rng_ids, save
+from conftest import random_gpt2, reaches_mmap, rng_ids, save
 
 
 def stored(w, dtype):
@@ -579,8 +579,16 @@ def test_checkpoint_of_an_older_format_version_is_refused(outlier_model, tmp_pat
     dst = save_quantized(outlier_model, str(tmp_path / "b"), "bf16")
     path = f"{dst}/model.safetensors"
     assert load_file(path)["h.0.mlp.c_fc.weight"].shape == (4, 32, 64, 2)
-    loaded = gptcpp.GPT2.from_pretrained(dst)  # bf16 pairs line-aligned, wherever the file put them
-    assert all(t.ctypes.data % 64 == 0 for t in loaded._tensors.values() if t.ndim == 4)
+    loaded = gptcpp.GPT2.from_pretrained(dst)  # the file's data starts on a line: its pairs are used in place
+    assert all(t.ctypes.data % 64 == 0 and reaches_mmap(t) for t in loaded._tensors.values() if t.ndim == 4)
+    assert np.array_equal(loaded.logits(ids), gptcpp.GPT2.from_pretrained(outlier_model, dtype="bf16").logits(ids))
+    with open(path, "rb") as f:  # a file written elsewhere: its data 8 bytes into a line
+        n = int.from_bytes(f.read(8), "little")
+        header, data = f.read(n), f.read()
+    with open(path, "wb") as f:
+        f.write((n + 8).to_bytes(8, "little") + header + b" " * 8 + data)
+    loaded = gptcpp.GPT2.from_pretrained(dst)  # bf16 pairs copied to line-aligned memory
+    assert all(t.ctypes.data % 64 == 0 and not reaches_mmap(t) for t in loaded._tensors.values() if t.ndim == 4)
     assert np.array_equal(loaded.logits(ids), gptcpp.GPT2.from_pretrained(outlier_model, dtype="bf16").logits(ids))
     save_file(load_file(path), path, metadata={"format": "gptcpp", "gptcpp.dtype": "bf16", "gptcpp.format_version": "4"})
     with pytest.raises(CheckpointError, match="bf16 checkpoint of format version 4.*quantize the original"):

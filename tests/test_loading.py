@@ -4,7 +4,6 @@ logits; matrices are converted into the kernels' layout without holding the file
 from the memory map; every bad input fails with a clear exception."""
 import copy
 import json
-import mmap
 import os
 import shutil
 import struct
@@ -19,7 +18,7 @@ from gptcpp import CheckpointError, ConfigError
 from gptcpp.config import GPT2Config, load_config
 from gptcpp.loading import SafetensorsFile, load_checkpoint
 from gptcpp.quantize import from_blocked
-from conftest import random_gpt2, rng_ids, save, torch_logits
+from conftest import random_gpt2, reaches_mmap, rng_ids, save, torch_logits
 
 TOL = 1e-4
 
@@ -78,18 +77,6 @@ def assert_matches(path, ref_model, lengths=(1, 9, 40)):
         err = np.abs(got - ref).max()
         assert err <= TOL, f"{path} len={n}: max |diff| {err}"
     return model
-
-
-def reaches_mmap(arr):
-    """Whether an array's data is (a view of) a memory map rather than memory numpy allocated."""
-    b = arr
-    while isinstance(b, np.ndarray):
-        if b.flags.owndata:
-            return False
-        b = b.base
-    if isinstance(b, memoryview):
-        b = b.obj
-    return isinstance(b, mmap.mmap)
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +187,7 @@ def test_quantized_fp32_checkpoint_is_used_in_place(saved, tmp_path):
     for name, arr in model._tensors.items():
         assert not arr.flags.owndata and reaches_mmap(arr), f"{name} was copied out of the memory map"
         assert arr.dtype == np.float32 and arr.flags.c_contiguous and not arr.flags.writeable
+        assert arr.ndim != 3 or arr.ctypes.data % 64 == 0, f"{name}: a blocked matrix off its cache lines"
 
 
 def test_mixed_f32_and_f16_tensors(base, saved, tmp_path):

@@ -319,6 +319,25 @@ def stored_shapes(cfg, dtype: str) -> dict:
     return out
 
 
+def _align_data(path: str) -> None:
+    """Pads a safetensors file's header with spaces (its JSON allows them) so that the data starts on a 64-byte
+    line: a tensor at an offset that is a multiple of 64 (every blocked matrix's size is one) is then
+    line-aligned where the file is mapped, as the kernels read blocked matrices in place (see aligned_empty)."""
+    import os
+    import shutil
+    import struct
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = f.read(n)
+        padded = n + (-(8 + n) % 64)
+        if padded == n:
+            return
+        with open(path + ".tmp", "wb") as out:
+            out.write(struct.pack("<Q", padded) + header + b" " * (padded - n))
+            shutil.copyfileobj(f, out, 1 << 24)
+    os.replace(path + ".tmp", path)
+
+
 def save_quantized(src: str, dst: str, dtype: str) -> str:
     """Writes `src` (a checkpoint directory, bundled name or hub id) converted to `dtype` into directory
     `dst`: model.safetensors in the layout the kernels read (so loading needs no conversion), with
@@ -338,8 +357,10 @@ def save_quantized(src: str, dst: str, dtype: str) -> str:
         raise ValueError(f"{src} is already a gptcpp {metadata['gptcpp.dtype']} checkpoint; quantize the original")
     converted = convert_tensors(tensors, dtype)
     os.makedirs(dst, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in converted.items()}, os.path.join(dst, "model.safetensors"),
+    path = os.path.join(dst, "model.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in converted.items()}, path,
               metadata={"format": "gptcpp", "gptcpp.dtype": dtype, "gptcpp.format_version": FORMAT_VERSION})
+    _align_data(path)
     with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
         json.dump({**cfg.extra, **cfg.to_dict(), "model_type": "gpt2"}, f, indent=2)
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "generation_config.json"):
