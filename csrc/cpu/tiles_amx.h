@@ -34,8 +34,8 @@ struct Tiles {
     __asm__ __volatile__("" : : "r"(&c) : "memory");
     _tile_loadconfig(&c);
   }
-  // bf16: every tile 64 bytes wide. Tiles 0-3 hold sums, 4-5 activations, 6-7 weights (16 rows).
-  // `rows` (1-16): the rows of the sum and activation tiles (0-5); a product's time grows with them, so that
+  // bf16: every tile 64 bytes wide. Tiles 0-3 hold sums, 4 activations, 6-7 weights (16 rows; 5 is unused).
+  // `rows` (1-16): the rows of the sum and activation tiles (0-4); a product's time grows with them, so that
   // decoding's single row costs a sixteenth of a full tile's (rows are independent: the same bits).
   static inline void configure(int rows = 16) {
     const uint8_t r = static_cast<uint8_t>(rows);
@@ -44,9 +44,10 @@ struct Tiles {
   // Back to the init state, so that a context switch does not save 8 KB of tile data.
   static inline void release() { _tile_release(); }
 
-  // One k chunk (32 k from k0) of a 64-column block of bf16 weights in tile order: dst[kp][64][2] for the chunk's
-  // 16 k pairs, each column's k = 2 kp and 2 kp + 1 side by side; src rows are ldb apart, only the first ncols
-  // columns and the rows below K are read, the rest are zeros. The pairs come in vpunpck's column order (one
+  // One k chunk (32 k from k0) of a 64-column block of row-major bf16 weights in tile order (blocked weights are
+  // stored in k pairs, in column order, and loaded in place): dst[kp][64][2] for the chunk's 16 k pairs, each
+  // column's k = 2 kp and 2 kp + 1 side by side; src rows are ldb apart, only the first ncols columns and the
+  // rows below K are read, the rest are zeros. The pairs come in vpunpck's column order (one
   // instruction for 16 pairs, as BDot::pairs interleaves them for vdpbf16ps; a three-op permute into column
   // order measured no faster): weight tile j (at dst + 32 j, rows 256 bytes apart) holds columns 32 (j / 2) +
   // {0-3, 8-11, 16-19, 24-27} for even j and + {4-7, 12-15, 20-23, 28-31} for odd j, and BDot::columns puts a
@@ -88,35 +89,19 @@ struct Tiles {
     _tile_dpbf16ps(2, 4, 6);
     _tile_dpbf16ps(3, 4, 7);
   }
+  // Sums of bf16_chunk_rows16 from c [16][64] floats (as store_rows16 left them).
+  static inline void load_rows16(const float* c) {
+    _tile_loadd(0, c, 256);
+    _tile_loadd(1, c + 16, 256);
+    _tile_loadd(2, c + 32, 256);
+    _tile_loadd(3, c + 48, 256);
+  }
   // Sums of bf16_chunk_rows16 to c [16][64] floats.
   static inline void store_rows16(float* c) {
     _tile_stored(0, c, 256);
     _tile_stored(1, c + 16, 256);
     _tile_stored(2, c + 32, 256);
     _tile_stored(3, c + 48, 256);
-  }
-
-  // Sums over `chunks` k chunks of 32, in order from zero, of activations a (bf16 rows lda apart, 32 chunks
-  // wide) against a packed block w (pack_bf16_chunk for every chunk, one after the other): 2 x 2 tiles, rows
-  // 0-31 x weight tiles j0 and j0 + 1, stored to c [32][32] floats (the columns in the weight tiles' order).
-  static inline void bf16_rows32(float* c, const uint16_t* a, int lda, const uint16_t* w, int j0, int chunks) {
-    zero_sums();
-    const int64_t as = static_cast<int64_t>(lda) * 2;
-    for (int ch = 0; ch < chunks; ++ch) {
-      const uint16_t* wc = w + static_cast<int64_t>(ch) * 16 * 128 + j0 * 32;
-      _tile_loadd(4, a + ch * 32, as);
-      _tile_loadd(5, a + 16 * static_cast<int64_t>(lda) + ch * 32, as);
-      _tile_loadd(6, wc, 256);
-      _tile_loadd(7, wc + 32, 256);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, c, 128);
-    _tile_stored(1, c + 16, 128);
-    _tile_stored(2, c + 16 * 32, 128);
-    _tile_stored(3, c + 16 * 32 + 16, 128);
   }
 
   // int8 (the grouped format of qmatmul.inl): tiles 0-3 hold int32 sums (16 rows x 16 columns), 4-5 activations

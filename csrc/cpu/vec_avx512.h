@@ -155,9 +155,10 @@ struct QDot {
 
 // bf16 dot products (the avx512-bf16 level): a pair register holds 16 lanes of two bf16 each, k and k + 1 of one
 // output column (weights) or of one row (activations, broadcast); dot() adds w[k] x[k] + w[k+1] x[k+1] to each
-// float32 lane (vdpbf16ps: the products are exact in float32). Weights come as rows of the [K][N] layout, so
-// pairs() interleaves two rows of 32 columns into two pair registers in vpunpck's order: `lo` holds columns
-// 0-3, 8-11, 16-19, 24-27 and `hi` the others, and columns() puts the two registers' sums back in order.
+// float32 lane (vdpbf16ps: the products are exact in float32). Blocked weights are stored in such pairs and
+// loaded as they are; row-major ones come as rows of the [K][N] layout, so pairs() interleaves two rows of 32
+// columns into two pair registers in vpunpck's order: `lo` holds columns 0-3, 8-11, 16-19, 24-27 and `hi` the
+// others, and columns() puts the two registers' sums back in order.
 struct BDot {
 #ifdef __AVX512BF16__
   static constexpr bool available = true;

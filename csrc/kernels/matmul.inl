@@ -620,7 +620,8 @@ namespace matmul_detail {
 // computes it; unlike them the activations are rounded, which takes the outlier test model's bf16 logit error
 // from 0.38% to 0.48% of the logits' RMS (tests/test_dtypes.py; the format's bound is 0.5%).
 // Weights are read where they are, [K][N] row-major (ldw apart) or blocked, a 64-column block at a time: a tile
-// is ROWS rows of out against the block's 64 columns, each k pair's two weight rows interleaved in registers.
+// is ROWS rows of out against the block's 64 columns, each k pair's two weight rows interleaved in registers
+// (row-major) or loaded as stored (blocked: the pairs are the layout, kernels.h's kBf16Rows).
 // Where a tile's weights come from: rows of a row-major matrix (rows_edge: its last block, columns from ncols on
 // not there), interleaved into pairs in registers; or the blocked layout's stored pairs, loaded as they are.
 enum class Bf16Src { rows, rows_edge, pairs };
@@ -747,15 +748,28 @@ void bf16_dot_matmul(float* out, const float* inp, const uint16_t* weight, bool 
 // batched with. Each output element is the sum over k chunks of 32 in order from zero, each chunk's 32
 // products added by tdpbf16ps (which sums a chunk more exactly than a chain of vdpbf16ps: its bits differ from
 // bf16_dot_matmul's, its error against float64 was a quarter of theirs), then + bias, then + out. Each thread
-// takes whole 64-column blocks. A blocked matrix's stored pairs are the weight tiles as they are (16 stored rows
-// of a 32-k chunk, 256 bytes apart, columns in order): the tiles load them in place, and only a K that is not a
-// multiple of 32 has its last chunk copied out with zeros after it. A row-major matrix is laid out in k pairs
-// in the thread's scratch (Tiles::pack_bf16_chunk, in vpunpck's column order). Up to 16 rows, a chunk at a time
-// just before its products (decoding: reading the weights overlaps the chunk before), more rows the whole
-// block once, which every pair of 16-row tiles then runs against. The activations are zero-padded to a multiple
-// of 16 rows and of 32 k; up to 16 rows, the tiles are configured with M rows (a product's time grows with them).
-// Stored pairs instead of a copy per chunk: gpt2 bf16 decode 99-100 -> 109-112 tok/s (timed with the copy left
-// out, same process order, before the layout changed).
+// takes whole 64-column blocks, and 16 rows x 64 columns of sums in four tiles (Tiles::bf16_chunk_rows16). A
+// blocked matrix's stored pairs are the weight tiles as they are (16 stored rows of a 32-k chunk, 256 bytes
+// apart, columns in order): the tiles load them in place, and only a K that is not a multiple of 32 has its last
+// chunk copied out with zeros after it. A row-major matrix is laid out in k pairs in the thread's scratch
+// (Tiles::pack_bf16_chunk, in vpunpck's column order). Up to 16 rows, a chunk at a time just before its products
+// (decoding: reading the weights overlaps the chunk before); more rows, the whole block once, then blocked for
+// the caches (TILE_KB). Partial sums stored and reloaded between chunks are exact: every blocking gives the same
+// bits. The activations are zero-padded to a multiple of 16 rows and of 32 k; up to 16 rows, the tiles are
+// configured with M rows (a product's time grows with them).
+// Loading the stored pairs in place instead of laying out each chunk: gpt2 bf16 decode 99.6 -> 113.5-114.1 tok/s,
+// batch-16 935-948 -> 1,012-1,019, pp512 4,659-4,830 -> 4,880-4,949 (Intel Xeon, 2 threads, builds alternating).
+// Blocking of the AMX bf16 path for more than 16 rows: chunks of 32 k TILE_KB at a time (a block's 64 columns
+// of them are 32 KB, which stay in L1 while every 16 rows of the pass run against them, the partial sums going
+// through memory between), in passes of as many rows as TILE_PASS_BYTES of activations (which stay in L2 through
+// the pass's chunks). Against 2 x 2 tiles of 32 rows x 32 columns over all of K (each product loading 1 KB of
+// tiles from L2), 512-row gpt2 matmuls on an Intel Xeon, 2 threads, builds alternating: 768 x 2304 1,900 ->
+// 2,200-2,300 GFLOP/s, 768 x 3072 1,800 -> 2,100, 3072 x 768 even at 1,850 (passes of 512 KB: 1,680; 128 KB:
+// 1,700; without passes 1,450 and software prefetch of the next rows slower still); gpt2 bf16 pp512 5,170-5,260
+// -> 5,450-5,680 tok/s.
+constexpr int TILE_KB = 8;
+constexpr int64_t TILE_PASS_BYTES = 256 * 1024;
+
 template <class TL, class D>
 void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool blocked, const float* bias, int M,
                       int K, int N, int ldi, int ldo, int ldw, bool accumulate, bool team) {
@@ -775,18 +789,17 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
   };
   const bool round_first = static_cast<int64_t>(M) * K <= 65536;
   if (round_first) round_rows(0, M16);
-  // Rows m0 .. m0 + rows - 1 of out, columns c0 .. c0 + cols - 1, from a tile of sums c (ldc floats a row, nv
-  // vectors of them used), + bias, + out where accumulating.
-  auto store_rows = [&](const float* c, int m0, int rows, int ldc, int nv, int c0, int cols) {
+  // Rows m0 .. m0 + rows - 1 of out, the block's columns n0 .. n0 + ncols - 1, from the tiles' sums c [16][64],
+  // + bias, + out where accumulating.
+  auto store_rows = [&](const float* c, int m0, int rows, int n0, int ncols) {
     for (int i = 0; i < rows; ++i) {
       R acc[4];
-      for (int j = 0; j < nv; ++j) acc[j] = Vec::load(c + i * ldc + j * W);
-      if (!blocked)  // packed rows: the weight tiles in vpunpck's column order
-        for (int j = 0; j < nv; j += 2) D::columns(acc[j], acc[j + 1]);
-      if (nv == 2)
-        store_sums<2>(out + static_cast<int64_t>(m0 + i) * ldo, acc, bias, c0, cols, accumulate);
-      else
-        store_sums<4>(out + static_cast<int64_t>(m0 + i) * ldo, acc, bias, c0, cols, accumulate);
+      for (int j = 0; j < 4; ++j) acc[j] = Vec::load(c + i * BLOCK_COLS + j * W);
+      if (!blocked) {  // packed rows: the weight tiles in vpunpck's column order
+        D::columns(acc[0], acc[1]);
+        D::columns(acc[2], acc[3]);
+      }
+      store_sums<4>(out + static_cast<int64_t>(m0 + i) * ldo, acc, bias, n0, ncols, accumulate);
     }
   };
   const int nb = (N + BLOCK_COLS - 1) / BLOCK_COLS;
@@ -802,9 +815,11 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
       }
     }
     // Slot 0 (matmul internals): the packed block, then a tile of sums (32 x 32 or 16 x 64 floats).
-    float* scratch = scratch_floats(static_cast<int64_t>(K32) * BLOCK_COLS / 2 + 32 * 32, 0);
+    float* scratch = scratch_floats(static_cast<int64_t>(K32) * BLOCK_COLS / 2 + 16 * 64 + (M16 > 16 ? M16 * 64 : 0), 0);
     uint16_t* wpack = reinterpret_cast<uint16_t*>(scratch);
     float* cbuf = scratch + static_cast<int64_t>(K32) * BLOCK_COLS / 2;
+    float* parts = cbuf + 16 * 64;  // [M16][64] partial sums between k blocks
+    const int rows_per_pass = std::max(16, static_cast<int>(TILE_PASS_BYTES / (static_cast<int64_t>(lda) * 2)) & ~15);
     TL::configure(M16 == 16 ? M : 16);
     ranges.run(t, nt, [&](int64_t b0, int64_t b1) {
       for (int b = static_cast<int>(b0); b < b1; ++b) {
@@ -832,7 +847,7 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
             TL::bf16_chunk_rows16(a16 + ch * 32, lda, chunk_tiles(ch, wpack));
           }
           TL::store_rows16(cbuf);
-          store_rows(cbuf, 0, M, 64, 4, n0, ncols);
+          store_rows(cbuf, 0, M, n0, ncols);
           continue;
         }
         const uint16_t* wtiles = w;  // every chunk's tiles, one after the other (16 x 128 values each)
@@ -844,21 +859,28 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
           }
           wtiles = wpack;
         }
-        int m = 0;
-        for (; m + 32 <= M16; m += 32) {
-          for (int j0 = 0; j0 < 4 && 16 * j0 < ncols; j0 += 2) {
-            TL::bf16_rows32(cbuf, a16 + static_cast<int64_t>(m) * lda, lda, wtiles, j0, chunks);
-            const int cols = ncols - 16 * j0 < 32 ? ncols - 16 * j0 : 32;
-            store_rows(cbuf, m, M - m < 32 ? M - m : 32, 32, 2, n0 + 16 * j0, cols);
+        // Passes of rows_per_pass rows, each through the chunks TILE_KB at a time, each 16 rows at a time.
+        for (int p0 = 0; p0 < M16; p0 += rows_per_pass) {
+          const int p1 = M16 - p0 < rows_per_pass ? M16 : p0 + rows_per_pass;
+          for (int kb0 = 0; kb0 < chunks; kb0 += TILE_KB) {
+            const int kb1 = chunks - kb0 < TILE_KB ? chunks : kb0 + TILE_KB;
+            for (int m = p0; m < p1; m += 16) {
+              float* part = parts + static_cast<int64_t>(m) * BLOCK_COLS;
+              if (kb0 == 0)
+                TL::zero_sums();
+              else
+                TL::load_rows16(part);
+              for (int ch = kb0; ch < kb1; ++ch)
+                TL::bf16_chunk_rows16(a16 + static_cast<int64_t>(m) * lda + ch * 32, lda,
+                                      wtiles + static_cast<int64_t>(ch) * 16 * 128);
+              if (kb1 < chunks) {
+                TL::store_rows16(part);
+              } else {
+                TL::store_rows16(cbuf);
+                store_rows(cbuf, m, M - m < 16 ? M - m : 16, n0, ncols);
+              }
+            }
           }
-        }
-        if (m < M) {  // a last tile of 16 rows
-          TL::zero_sums();
-          for (int ch = 0; ch < chunks; ++ch)
-            TL::bf16_chunk_rows16(a16 + static_cast<int64_t>(m) * lda + ch * 32, lda,
-                                  wtiles + static_cast<int64_t>(ch) * 16 * 128);
-          TL::store_rows16(cbuf);
-          store_rows(cbuf, m, M - m, 64, 4, n0, ncols);
         }
       }
     });

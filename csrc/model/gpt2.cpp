@@ -19,10 +19,10 @@ namespace {
 
 // One row of the token embedding table, widened to float32. The table is usually stored transposed for the
 // LM head, [n_embd, vocab] in the matrix kernels' blocked layout (f32/f16: [vocab/64][n_embd][64]; bf16 in k
-// pairs, [vocab/64][n_embd/2][64][2]; q8: qmatmul.inl's), so a token's row is its column there, one element every
-// 64 (bf16: a pair every 128; q8: byte k%4 of column
-// token%64 in quad k/4 of block token/64, times the fp16 scale of its group; q6: its nibble and top bits the
-// same way). A row-major [vocab, n_embd] table (passed as it is in a checkpoint) is read directly.
+// pairs, [vocab/64][n_embd/2][64][2]; q8: qmatmul.inl's), so a token's row is its column there, one element
+// every 64 (bf16: a pair every 128; q8: byte k%4 of column token%64 in quad k/4 of block token/64, times the
+// fp16 scale of its group; q6: its nibble and top bits the same way). A row-major [vocab, n_embd] table
+// (passed as it is in a checkpoint) is read directly.
 template <class T, class Widen>
 void table_row(float* out, const T* data, bool blocked, int32_t token, int C, Widen widen) {
   if (!blocked) {

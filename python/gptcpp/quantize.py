@@ -209,7 +209,7 @@ def to_blocked(w: np.ndarray, transpose: bool = False) -> np.ndarray:
     N, K = w.shape if transpose else w.shape[::-1]
     nb, full = -(-N // BLOCK_COLS), N // BLOCK_COLS
     if w.dtype == np.uint16:
-        return _blocked_pairs(w, transpose, N, K, nb, full)
+        return _blocked_pairs(w, transpose, K, nb)
     out = aligned_empty((nb, K, BLOCK_COLS), w.dtype)
     if transpose:
         out[:full] = w[:full * BLOCK_COLS].reshape(full, BLOCK_COLS, K).transpose(0, 2, 1)
@@ -221,7 +221,7 @@ def to_blocked(w: np.ndarray, transpose: bool = False) -> np.ndarray:
     return out
 
 
-def _blocked_pairs(w: np.ndarray, transpose: bool, N: int, K: int, nb: int, full: int) -> np.ndarray:
+def _blocked_pairs(w: np.ndarray, transpose: bool, K: int, nb: int) -> np.ndarray:
     out = aligned_empty((nb, (K + 1) // 2, BLOCK_COLS, 2), np.uint16)
     out[-1] = 0  # a partial last block's padding columns
     if K % 2:
