@@ -68,6 +68,7 @@ const float* borrow(PyModel& m, const py::dict& tensors, const std::string& name
 py::dict tuning_dict(const Tuning& t) {
   py::dict d;
   d["avx512_fp32_chunk_rows"] = t.avx512_fp32_chunk_rows;
+  d["avx512_fp32_chunk_k"] = t.avx512_fp32_chunk_k;
   d["avx512_q8_slices"] = t.avx512_q8_slices;
   return d;
 }
@@ -351,17 +352,24 @@ PYBIND11_MODULE(_core, m) {
   });
   // Kernel variants chosen by CPU (cpu/isa.h Tuning): tests run each on any machine. Returns the previous
   // settings; a setting left out keeps its value.
-  m.def("set_tuning", [](py::object fp32_chunk_rows, py::object q8_slices) {
+  m.def("set_tuning", [](py::object fp32_chunk_rows, py::object q8_slices, py::object fp32_chunk_k) {
     const Tuning old = tuning();
     Tuning t = old;
     if (!fp32_chunk_rows.is_none()) t.avx512_fp32_chunk_rows = fp32_chunk_rows.cast<int>();
     if (t.avx512_fp32_chunk_rows < 2)
       throw std::invalid_argument("avx512_fp32_chunk_rows must be at least 2, got " +
                                   std::to_string(t.avx512_fp32_chunk_rows));
+    if (!fp32_chunk_k.is_none()) {
+      const int k = fp32_chunk_k.cast<int>();
+      if (k != 32 && k != 64 && k != 128)
+        throw std::invalid_argument("avx512_fp32_chunk_k must be 32, 64 or 128, got " + std::to_string(k));
+      t.avx512_fp32_chunk_k = static_cast<int16_t>(k);
+    }
     if (!q8_slices.is_none()) t.avx512_q8_slices = q8_slices.cast<bool>();
     set_tuning(t);
     return tuning_dict(old);
-  }, py::arg("avx512_fp32_chunk_rows") = py::none(), py::arg("avx512_q8_slices") = py::none());
+  }, py::arg("avx512_fp32_chunk_rows") = py::none(), py::arg("avx512_q8_slices") = py::none(),
+     py::arg("avx512_fp32_chunk_k") = py::none());
   m.def("isa", []() { return std::string(isa_name(selected_isa())); }, "the instruction set level in use");
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); });
   m.def("all_isas", []() {

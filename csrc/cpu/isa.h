@@ -1,6 +1,7 @@
 // Instruction-set levels and the one dispatch point. Detection reads cpuid and xgetbv (the OS must have
 // enabled the register state, not only the CPU support it); GPTCPP_ISA can force a lower level.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,8 @@ struct CpuFeatures {
 // CPU at start-up; tests flip them to run every variant on any machine. Measurements in the kernels.
 struct Tuning {
   int avx512_fp32_chunk_rows = 16;  // matmul.inl: AVX-512 fp32 batches from this many rows to 48 walk K in chunks
+  int16_t avx512_fp32_chunk_k = 128;  // matmul.inl: ... of this many rows of K: 32, 64 or 128 (16 bits, so that
+                                      // the struct stays 8 bytes, which std::atomic handles without a lock)
   bool avx512_q8_slices = true;    // qmatmul.inl: AVX-512 int8 tiles take a column unit's k in L1-sized slices
 };
 Tuning tuning();

@@ -499,8 +499,14 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
       if (b < b1) blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b, b1, accumulate);
       return;
     }
-    if (f32 && M >= tuning().avx512_fp32_chunk_rows && M <= 48)
+    const Tuning tune = tuning();
+    if (f32 && M >= tune.avx512_fp32_chunk_rows && M <= 48) {
+      if (tune.avx512_fp32_chunk_k == 32)
+        return chunked_passes<WR, 6, 4, 32>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+      if (tune.avx512_fp32_chunk_k == 64)
+        return chunked_passes<WR, 6, 4, 64>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
       return chunked_passes<WR, 6, 4, 128>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+    }
     blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
   } else {
     if (M == 1 || (f32 && M <= 3))
