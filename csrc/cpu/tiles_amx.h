@@ -47,12 +47,12 @@ struct Tiles {
   // One k chunk (32 k from k0) of a 64-column block of row-major bf16 weights in tile order (blocked weights are
   // stored in k pairs, in column order, and loaded in place): dst[kp][64][2] for the chunk's 16 k pairs, each
   // column's k = 2 kp and 2 kp + 1 side by side; src rows are ldb apart, only the first ncols columns and the
-  // rows below K are read, the rest are zeros. The pairs come in vpunpck's column order (one
-  // instruction for 16 pairs, as BDot::pairs interleaves them for vdpbf16ps; a three-op permute into column
-  // order measured no faster): weight tile j (at dst + 32 j, rows 256 bytes apart) holds columns 32 (j / 2) +
-  // {0-3, 8-11, 16-19, 24-27} for even j and + {4-7, 12-15, 20-23, 28-31} for odd j, and BDot::columns puts a
-  // pair of tiles' sums back. (Written out rather than through BDot::pairs_partial, whose per-call masks and
-  // null checks made the one-row gpt2 LM head 1.55 -> 1.75 ms and decoding 11% slower.)
+  // rows below K are read, the rest are zeros. The pairs come in vpunpck's column order (one instruction for 16
+  // pairs, as BDot::pairs interleaves them for vdpbf16ps; a three-op permute into column order measured no
+  // faster): weight tile j (at dst + 32 j, rows 256 bytes apart) holds columns 32 (j / 2) + {0-3, 8-11, 16-19,
+  // 24-27} for even j and + {4-7, 12-15, 20-23, 28-31} for odd j, and BDot::columns puts a pair of tiles' sums
+  // back. (Written out rather than through BDot::pairs_partial, whose per-call masks and null checks made the
+  // one-row gpt2 LM head 1.55 -> 1.75 ms and decoding 11% slower when blocked weights came this way too.)
   static inline void pack_bf16_chunk(uint16_t* dst, const uint16_t* src, int64_t ldb, int k0, int K, int ncols) {
     const __mmask32 m0 = BDot::mask32(ncols), m1 = BDot::mask32(ncols - 32);
     const __m512i zero = _mm512_setzero_si512();
