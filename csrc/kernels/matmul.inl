@@ -425,6 +425,59 @@ inline void chunked_passes(float* out, const float* inp, const typename WR::T* w
   }
 }
 
+// Prefill over 16-bit weights (fp16; bf16 on levels without bf16 dot products): widening a weight vector costs
+// about what its FMAs do, once per row tile. Here a block is widened to float32 a chunk of KCH rows at a time
+// into a panel [KCH][64] that every row tile then reads as float32, on chunked_passes' schedule (partial sums
+// between chunks, the 16-bit weights prefetched two chunks ahead): the same FMA chain, the same bits.
+template <class WR>
+inline void widen_rows(float* panel, const typename WR::T* rows, int kc) {
+  for (int r = 0; r < kc; r += WR::KSTEP, rows += WR::KSTEP * BLOCK_COLS)
+    for (int s = 0; s < WR::KSTEP && r + s < kc; ++s)
+      for (int j = 0; j < BLOCK_COLS / W; ++j)
+        Vec::store(panel + (r + s) * BLOCK_COLS + j * W, WR::load_row(rows + WR::col(j * W), s, true));
+}
+
+// From this many rows, on AVX-512. Intel Xeon (AMX machine), 2 threads, gpt2 pp512, alternating: fp16 1,592-1,623
+// -> 1,761-1,791 tok/s, bf16 at avx512-vnni 1,784 -> 1,901-1,913 (fp32 and batch-16 untouched). AVX2 measured
+// +2-5% there but is tuned on Zen 3, where this is unmeasured: it keeps its 6 x 2 passes.
+constexpr int WIDEN_MIN_M = 64;
+
+template <class WR, int SR, int CV, int KCH>
+inline void widened_passes(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M,
+                           int K, int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
+  constexpr int PASS = CV * W, CB = BLOCK_COLS / W;
+  constexpr int ROW_BYTES = BLOCK_COLS * sizeof(typename WR::T);
+  float* part = scratch_floats(static_cast<int64_t>(M) * BLOCK_COLS + KCH * BLOCK_COLS, 0);
+  float* panel = part + static_cast<int64_t>(M) * BLOCK_COLS;
+  const int runs = (BLOCK_COLS / PASS) * ((M + SR - 1) / SR);
+  for (int b = b0; b < b1; ++b) {
+    const typename WR::T* block = weight + static_cast<int64_t>(b) * WR::rows(K) * BLOCK_COLS;
+    const int n0 = b * BLOCK_COLS;
+    for (int k0 = 0; k0 < K; k0 += KCH) {
+      const int kc = K - k0 < KCH ? K - k0 : KCH;
+      const bool first = k0 == 0;
+      const typename WR::T* chunk = block + static_cast<int64_t>(k0) * BLOCK_COLS;  // KCH is even: pairs whole
+      widen_rows<WR>(panel, chunk, kc);
+      const ChunkPrefetch pf(chunk, kc, ROW_BYTES, runs);
+      int t = 0, m = 0;
+      for (; m + SR <= M; m += SR)
+        for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
+          chunk_tile<F32W, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, panel + c, k0, kc,
+                                   ldi, first, pf.share(t), pf.step);
+      if (m < M)
+        for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
+          chunk_tail<F32W, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, panel + c,
+                                   k0, kc, ldi, first, pf.share(t), pf.step);
+    }
+    const int ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
+    for (int i = 0; i < M; ++i) {
+      R acc[CB];
+      for (int j = 0; j < CB; ++j) acc[j] = Vec::load(part + i * BLOCK_COLS + j * W);
+      store_sums<CB>(out + static_cast<int64_t>(i) * ldo, acc, bias, n0, ncols, accumulate);
+    }
+  }
+}
+
 // One row against two adjacent column blocks at once (AVX-512 decoding): two sequential streams from memory in
 // flight instead of one, 8 sums in registers. Per element the same FMA chain as blocked_tile. gpt2 decode, Zen 5,
 // 2 threads, ~85 GB/s, five alternating rounds: fp16 272-283 -> 290-297 tok/s (87% of the probe), fp32
@@ -499,6 +552,8 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
       if (b < b1) blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b, b1, accumulate);
       return;
     }
+    if (!f32 && M >= WIDEN_MIN_M)
+      return widened_passes<WR, 6, 4, 128>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     const Tuning tune = tuning();
     if (f32 && M >= tune.avx512_fp32_chunk_rows && M <= 48) {
       if (tune.avx512_fp32_chunk_k == 32)
