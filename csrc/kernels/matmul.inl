@@ -387,48 +387,29 @@ inline void chunk_tail(int rows, float* part, const float* inp, const typename W
   }
 }
 
-// Tiles of SR rows x CV vectors, chunks of KCH weight rows.
-template <class WR, int SR, int CV, int KCH>
-inline void chunked_passes(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
-                           int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
-  constexpr int PASS = CV * W, CB = BLOCK_COLS / W;
-  constexpr int ROW_BYTES = BLOCK_COLS * sizeof(typename WR::T);
-  float* part = scratch_floats(static_cast<int64_t>(M) * BLOCK_COLS, 0);
-  const int runs = (BLOCK_COLS / PASS) * ((M + SR - 1) / SR);  // tile runs per chunk
-  for (int b = b0; b < b1; ++b) {
-    const typename WR::T* block = weight + static_cast<int64_t>(b) * WR::rows(K) * BLOCK_COLS;
-    const int n0 = b * BLOCK_COLS;
-    for (int k0 = 0; k0 < K; k0 += KCH) {
-      const int kc = K - k0 < KCH ? K - k0 : KCH;
-      const bool first = k0 == 0;
-      const typename WR::T* chunk = block + static_cast<int64_t>(k0) * BLOCK_COLS;
-      const ChunkPrefetch pf(chunk, kc, ROW_BYTES, runs);
-      // Row tile by row tile, each through all of the block's column passes (AVX2: four), so that the tile's
-      // rows of inp stay in L1 while the chunk does too; passes outside made every pass re-read all M rows
-      // from L2: fp32 512 x 768 x 3072 20.2 -> 17.4 ms (Zen 3), 512 x 3072 x 768 23.0 -> 22.2, 16 rows even.
-      int t = 0, m = 0;
-      for (; m + SR <= M; m += SR)
-        for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
-          chunk_tile<WR, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, chunk + WR::col(c), k0,
-                                 kc, ldi, first, pf.share(t), pf.step);
-      if (m < M)
-        for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
-          chunk_tail<WR, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi,
-                                 chunk + WR::col(c), k0, kc, ldi, first, pf.share(t), pf.step);
-    }
-    const int ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
-    for (int i = 0; i < M; ++i) {
-      R acc[CB];
-      for (int j = 0; j < CB; ++j) acc[j] = Vec::load(part + i * BLOCK_COLS + j * W);
-      store_sums<CB>(out + static_cast<int64_t>(i) * ldo, acc, bias, n0, ncols, accumulate);
-    }
-  }
+// Every row tile of a chunk (kc weight rows at src, read by RD) through all of the block's column passes, tile
+// run t of the chunk prefetching its share of pf.
+template <class RD, int SR, int CV>
+inline void chunk_tiles(float* part, const float* inp, const typename RD::T* src, int M, int k0, int kc, int ldi,
+                        bool first, const ChunkPrefetch& pf) {
+  constexpr int PASS = CV * W;
+  // Row tile by row tile, each through all of the block's column passes (AVX2: four), so that the tile's rows of
+  // inp stay in L1 while the chunk does too; passes outside made every pass re-read all M rows from L2: fp32
+  // 512 x 768 x 3072 20.2 -> 17.4 ms (Zen 3), 512 x 3072 x 768 23.0 -> 22.2, 16 rows even.
+  int t = 0, m = 0;
+  for (; m + SR <= M; m += SR)
+    for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
+      chunk_tile<RD, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, src + RD::col(c), k0, kc,
+                             ldi, first, pf.share(t), pf.step);
+  if (m < M)
+    for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
+      chunk_tail<RD, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, src + RD::col(c),
+                             k0, kc, ldi, first, pf.share(t), pf.step);
 }
 
-// Prefill over 16-bit weights (fp16; bf16 on levels without bf16 dot products): widening a weight vector costs
-// about what its FMAs do, once per row tile. Here a block is widened to float32 a chunk of KCH rows at a time
-// into a panel [KCH][64] that every row tile then reads as float32, on chunked_passes' schedule (partial sums
-// between chunks, the 16-bit weights prefetched two chunks ahead): the same FMA chain, the same bits.
+// Prefill over 16-bit weights (fp16; bf16 on levels without bf16 dot products) widens a weight vector once per row
+// tile, which costs about what its FMAs do. With WIDEN each chunk is widened to float32 once, into a panel
+// [KCH][64] that every row tile then reads as float32 (the same FMA chain, the same bits).
 template <class WR>
 inline void widen_rows(float* panel, const typename WR::T* rows, int kc) {
   for (int r = 0; r < kc; r += WR::KSTEP, rows += WR::KSTEP * BLOCK_COLS)
@@ -437,19 +418,20 @@ inline void widen_rows(float* panel, const typename WR::T* rows, int kc) {
         Vec::store(panel + (r + s) * BLOCK_COLS + j * W, WR::load_row(rows + WR::col(j * W), s, true));
 }
 
-// From this many rows, on AVX-512. Intel Xeon (AMX machine), 2 threads, gpt2 pp512, alternating: fp16 1,592-1,623
-// -> 1,761-1,791 tok/s, bf16 at avx512-vnni 1,784 -> 1,901-1,913 (fp32 and batch-16 untouched). AVX2 measured
-// +2-5% there but is tuned on Zen 3, where this is unmeasured: it keeps its 6 x 2 passes.
+// Widened panels from this many rows, on AVX-512. Intel Xeon (AMX machine), 2 threads, gpt2 pp512, alternating:
+// fp16 1,592-1,623 -> 1,761-1,791 tok/s, bf16 at avx512-vnni 1,784 -> 1,901-1,913 (fp32 and batch-16 untouched).
+// AVX2 measured +2-5% there but is tuned on Zen 3, where this is unmeasured: it keeps its 6 x 2 passes.
 constexpr int WIDEN_MIN_M = 64;
 
-template <class WR, int SR, int CV, int KCH>
-inline void widened_passes(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M,
-                           int K, int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
-  constexpr int PASS = CV * W, CB = BLOCK_COLS / W;
+// Tiles of SR rows x CV vectors, chunks of KCH weight rows (with WIDEN, widened into a float32 panel first).
+template <class WR, int SR, int CV, int KCH, bool WIDEN = false>
+inline void chunked_passes(float* out, const float* inp, const typename WR::T* weight, const float* bias, int M, int K,
+                           int N, int ldi, int ldo, int b0, int b1, bool accumulate) {
+  constexpr int CB = BLOCK_COLS / W;
   constexpr int ROW_BYTES = BLOCK_COLS * sizeof(typename WR::T);
-  float* part = scratch_floats(static_cast<int64_t>(M) * BLOCK_COLS + KCH * BLOCK_COLS, 0);
+  float* part = scratch_floats(static_cast<int64_t>(M) * BLOCK_COLS + (WIDEN ? KCH * BLOCK_COLS : 0), 0);
   float* panel = part + static_cast<int64_t>(M) * BLOCK_COLS;
-  const int runs = (BLOCK_COLS / PASS) * ((M + SR - 1) / SR);
+  const int runs = (BLOCK_COLS / (CV * W)) * ((M + SR - 1) / SR);  // tile runs per chunk
   for (int b = b0; b < b1; ++b) {
     const typename WR::T* block = weight + static_cast<int64_t>(b) * WR::rows(K) * BLOCK_COLS;
     const int n0 = b * BLOCK_COLS;
@@ -457,17 +439,13 @@ inline void widened_passes(float* out, const float* inp, const typename WR::T* w
       const int kc = K - k0 < KCH ? K - k0 : KCH;
       const bool first = k0 == 0;
       const typename WR::T* chunk = block + static_cast<int64_t>(k0) * BLOCK_COLS;  // KCH is even: pairs whole
-      widen_rows<WR>(panel, chunk, kc);
       const ChunkPrefetch pf(chunk, kc, ROW_BYTES, runs);
-      int t = 0, m = 0;
-      for (; m + SR <= M; m += SR)
-        for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
-          chunk_tile<F32W, SR, CV>(part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, panel + c, k0, kc,
-                                   ldi, first, pf.share(t), pf.step);
-      if (m < M)
-        for (int c = 0; c < BLOCK_COLS; c += PASS, ++t)
-          chunk_tail<F32W, SR, CV>(M - m, part + m * BLOCK_COLS + c, inp + static_cast<int64_t>(m) * ldi, panel + c,
-                                   k0, kc, ldi, first, pf.share(t), pf.step);
+      if constexpr (WIDEN) {
+        widen_rows<WR>(panel, chunk, kc);
+        chunk_tiles<F32W, SR, CV>(part, inp, panel, M, k0, kc, ldi, first, pf);
+      } else {
+        chunk_tiles<WR, SR, CV>(part, inp, chunk, M, k0, kc, ldi, first, pf);
+      }
     }
     const int ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
     for (int i = 0; i < M; ++i) {
@@ -553,7 +531,7 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
       return;
     }
     if (!f32 && M >= WIDEN_MIN_M)
-      return widened_passes<WR, 6, 4, 128>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
+      return chunked_passes<WR, 6, 4, 128, true>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     const Tuning tune = tuning();
     if (f32 && M >= tune.avx512_fp32_chunk_rows && M <= 48) {
       if (tune.avx512_fp32_chunk_k == 32)
@@ -875,7 +853,8 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
 #pragma omp barrier
       }
     }
-    // Slot 0 (matmul internals): the packed block, then a tile of sums (32 x 32 or 16 x 64 floats).
+    // Slot 0 (matmul internals): the laid-out block, a tile of sums (16 x 64 floats), then for more than 16 rows
+    // the partial sums between k blocks.
     float* scratch = scratch_floats(static_cast<int64_t>(K32) * BLOCK_COLS / 2 + 16 * 64 + (M16 > 16 ? M16 * 64 : 0), 0);
     uint16_t* wpack = reinterpret_cast<uint16_t*>(scratch);
     float* cbuf = scratch + static_cast<int64_t>(K32) * BLOCK_COLS / 2;
@@ -886,8 +865,8 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
       for (int b = static_cast<int>(b0); b < b1; ++b) {
         const int n0 = b * BLOCK_COLS, ncols = N - n0 < BLOCK_COLS ? N - n0 : BLOCK_COLS;
         const uint16_t* w = blocked ? weight + static_cast<int64_t>(b) * kBf16Rows(K) * BLOCK_COLS : weight + n0;
-        // Chunk ch of the block as tiles: in place, or laid out at dst.
-        auto chunk_tiles = [&](int ch, uint16_t* dst) -> const uint16_t* {
+        // Chunk ch of the block as weight tiles: in place where it may be, else laid out at dst.
+        auto weight_tiles = [&](int ch, uint16_t* dst) -> const uint16_t* {
           const uint16_t* stored = w + static_cast<int64_t>(ch) * 32 * BLOCK_COLS;
           if (!blocked) {
             TL::pack_bf16_chunk(dst, w, ldw, ch * 32, K, ncols);
@@ -905,18 +884,20 @@ void bf16_tile_matmul(float* out, const float* inp, const uint16_t* weight, bool
           TL::zero_sums();
           for (int ch = 0; ch < chunks; ++ch) {
             if (blocked) prefetch_ahead(w + static_cast<int64_t>(ch) * 32 * BLOCK_COLS, 32 * BLOCK_COLS * 2);
-            TL::bf16_chunk_rows16(a16 + ch * 32, lda, chunk_tiles(ch, wpack));
+            TL::bf16_chunk_rows16(a16 + ch * 32, lda, weight_tiles(ch, wpack));
           }
           TL::store_rows16(cbuf);
           store_rows(cbuf, 0, M, n0, ncols);
           continue;
         }
-        const uint16_t* wtiles = w;  // every chunk's tiles, one after the other (16 x 128 values each)
+        // Every chunk's tiles, one after the other (16 x 128 values each): the stored pairs as they are, or all
+        // laid out (where any chunk must be, the whole block goes, so that the chunks stay one after the other).
+        const uint16_t* wtiles = w;
         if (!in_place || full_chunks < chunks) {
           for (int ch = 0; ch < chunks; ++ch) {
             uint16_t* dst = wpack + static_cast<int64_t>(ch) * 16 * 128;
-            const uint16_t* src = chunk_tiles(ch, dst);
-            if (src != dst) std::memcpy(dst, src, 16 * 128 * sizeof(uint16_t));
+            const uint16_t* src = weight_tiles(ch, dst);
+            if (src != dst) std::memcpy(dst, src, 16 * 128 * sizeof(uint16_t));  // an in-place chunk beside a tail
           }
           wtiles = wpack;
         }
