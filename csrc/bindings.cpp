@@ -69,6 +69,7 @@ py::dict tuning_dict(const Tuning& t) {
   py::dict d;
   d["avx512_fp32_chunk_rows"] = t.avx512_fp32_chunk_rows;
   d["avx512_fp32_chunk_k"] = t.avx512_fp32_chunk_k;
+  d["avx512_widen_rows"] = t.avx512_widen_rows;
   d["avx512_q8_slices"] = t.avx512_q8_slices;
   return d;
 }
@@ -352,13 +353,22 @@ PYBIND11_MODULE(_core, m) {
   });
   // Kernel variants chosen by CPU (cpu/isa.h Tuning): tests run each on any machine. Returns the previous
   // settings; a setting left out keeps its value.
-  m.def("set_tuning", [](py::object fp32_chunk_rows, py::object q8_slices, py::object fp32_chunk_k) {
+  m.def("set_tuning", [](py::object fp32_chunk_rows, py::object q8_slices, py::object fp32_chunk_k,
+                         py::object widen_rows) {
     const Tuning old = tuning();
     Tuning t = old;
-    if (!fp32_chunk_rows.is_none()) t.avx512_fp32_chunk_rows = fp32_chunk_rows.cast<int>();
-    if (t.avx512_fp32_chunk_rows < 2)
-      throw std::invalid_argument("avx512_fp32_chunk_rows must be at least 2, got " +
-                                  std::to_string(t.avx512_fp32_chunk_rows));
+    if (!fp32_chunk_rows.is_none()) {
+      const int rows = fp32_chunk_rows.cast<int>();
+      if (rows < 2 || rows > 32767)
+        throw std::invalid_argument("avx512_fp32_chunk_rows must be at least 2, got " + std::to_string(rows));
+      t.avx512_fp32_chunk_rows = static_cast<int16_t>(rows);
+    }
+    if (!widen_rows.is_none()) {
+      const int rows = widen_rows.cast<int>();
+      if (rows < 0 || rows > 32767)
+        throw std::invalid_argument("avx512_widen_rows must be 0 (never) or a row count, got " + std::to_string(rows));
+      t.avx512_widen_rows = static_cast<int16_t>(rows);
+    }
     if (!fp32_chunk_k.is_none()) {
       const int k = fp32_chunk_k.cast<int>();
       if (k != 32 && k != 64 && k != 128)
@@ -369,7 +379,7 @@ PYBIND11_MODULE(_core, m) {
     set_tuning(t);
     return tuning_dict(old);
   }, py::arg("avx512_fp32_chunk_rows") = py::none(), py::arg("avx512_q8_slices") = py::none(),
-     py::arg("avx512_fp32_chunk_k") = py::none());
+     py::arg("avx512_fp32_chunk_k") = py::none(), py::arg("avx512_widen_rows") = py::none());
   m.def("isa", []() { return std::string(isa_name(selected_isa())); }, "the instruction set level in use");
   m.def("set_isa", [](const std::string& name) { set_isa(parse_isa(name)); });
   m.def("all_isas", []() {

@@ -188,9 +188,10 @@ def test_bf16_pairs_aligned_or_not(isa, M, K):
 
 
 # The kernel variants chosen by CPU (cpu/isa.h Tuning: AVX-512 fp32 chunks from 16 rows or from 24, of 128, 64
-# or 32 rows of K, int8 in k slices or not): the tests below run each on any machine, whichever this CPU would pick.
-@pytest.fixture(params=[(16, True, 128), (24, False, 64), (16, True, 32)],
-                ids=["chunks16-slices", "chunks24-whole-k64", "chunks16-k32"])
+# or 32 rows of K, 16-bit weights widened from 64 rows or never, int8 in k slices or not): the tests below run
+# each on any machine, whichever this CPU would pick.
+@pytest.fixture(params=[(16, True, 128, 64), (24, False, 64, 0), (16, True, 32, 64)],
+                ids=["chunks16-slices", "chunks24-whole-k64-unwidened", "chunks16-k32"])
 def tuning(request):
     old = _core.set_tuning(*request.param)
     yield request.param
@@ -201,6 +202,7 @@ def test_tuning_is_chosen_by_cpu():
     info = _core.cpu_info()
     assert info["tuning"] == {"avx512_fp32_chunk_rows": 24 if info["amd_zen4"] else 16,
                               "avx512_q8_slices": not info["amd_zen4"],
+                              "avx512_widen_rows": 0 if info["amd_zen4"] else 64,
                               "avx512_fp32_chunk_k": 32 if info["features"]["amx"] else 128}
     old = _core.set_tuning(avx512_q8_slices=not info["tuning"]["avx512_q8_slices"])
     assert old == info["tuning"] and _core.cpu_info()["tuning"]["avx512_q8_slices"] != old["avx512_q8_slices"]
@@ -210,6 +212,8 @@ def test_tuning_is_chosen_by_cpu():
         _core.set_tuning(avx512_fp32_chunk_rows=0)
     with pytest.raises(ValueError, match="avx512_fp32_chunk_k must be 32, 64 or 128, got 48"):
         _core.set_tuning(avx512_fp32_chunk_k=48)
+    with pytest.raises(ValueError, match="avx512_widen_rows must be 0"):
+        _core.set_tuning(avx512_widen_rows=-1)
     assert _core.cpu_info()["tuning"] == old
 
 

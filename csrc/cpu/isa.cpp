@@ -153,15 +153,22 @@ namespace {
 // batches of 16-23 rows faster in plain passes than in chunks (matmul.inl), int8 tiles faster over the whole
 // k than in slices (qmatmul.inl). The Intel Xeon with AMX (48 KB L1D, 2 MB L2; the same way): fp32 chunks of
 // 32 rows of K rather than 128, gpt2 fp32 batch-16 decode 471-480 -> 529 tok/s (64: 497-501), batch-32 even.
+// Widened 16-bit panels, measured on that Xeon, are slower on Zen 4, whose 32 KB L1D a 128-row float32 panel
+// fills (64 or 32 rows were no better): gpt2 fp16 pp512, alternating processes, 1,009-1,044 tok/s without
+// against 851-1,013 with them (faster in 4 of 4 rounds); in one process, alternating, median 1,053 against
+// 1,012 (7 of 8). int8 and int4 (whose attention reads a half KV cache the same way) even.
 Tuning initial_tuning() {
   Tuning t;
   if (cpu_features().amd_zen4) {
     t.avx512_fp32_chunk_rows = 24;
+    t.avx512_widen_rows = 0;
     t.avx512_q8_slices = false;
   }
   if (cpu_features().amx) t.avx512_fp32_chunk_k = 32;
   return t;
 }
+
+static_assert(sizeof(Tuning) <= 8, "Tuning is read and written whole, without a lock");
 
 std::atomic<Tuning>& current_tuning() {
   static std::atomic<Tuning> t{initial_tuning()};

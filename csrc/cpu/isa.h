@@ -29,10 +29,12 @@ struct CpuFeatures {
 // choice never changes a result's bits: the variants do the same operations in the same order). Set from the
 // CPU at start-up; tests flip them to run every variant on any machine. Measurements in the kernels.
 struct Tuning {
-  int avx512_fp32_chunk_rows = 16;  // matmul.inl: AVX-512 fp32 batches from this many rows to 48 walk K in chunks
-  int16_t avx512_fp32_chunk_k = 128;  // matmul.inl: ... of this many rows of K: 32, 64 or 128 (16 bits, so that
-                                      // the struct stays 8 bytes, which std::atomic handles without a lock)
-  bool avx512_q8_slices = true;    // qmatmul.inl: AVX-512 int8 tiles take a column unit's k in L1-sized slices
+  // (16-bit fields, so that the struct stays 8 bytes, which std::atomic handles without a lock)
+  int16_t avx512_fp32_chunk_rows = 16;  // matmul.inl: AVX-512 fp32 batches from this many rows to 48 walk K in chunks
+  int16_t avx512_fp32_chunk_k = 128;    // matmul.inl: ... of this many rows of K: 32, 64 or 128
+  int16_t avx512_widen_rows = 64;       // matmul.inl: AVX-512 16-bit weights are widened into float32 panels from
+                                        // this many rows (0: never)
+  bool avx512_q8_slices = true;         // qmatmul.inl: AVX-512 int8 tiles take a column unit's k in L1-sized slices
 };
 Tuning tuning();
 void set_tuning(const Tuning& t);

@@ -418,10 +418,10 @@ inline void widen_rows(float* panel, const typename WR::T* rows, int kc) {
         Vec::store(panel + (r + s) * BLOCK_COLS + j * W, WR::load_row(rows + WR::col(j * W), s, true));
 }
 
-// Widened panels from this many rows, on AVX-512. Intel Xeon (AMX machine), 2 threads, gpt2 pp512, alternating:
-// fp16 1,592-1,623 -> 1,761-1,791 tok/s, bf16 at avx512-vnni 1,784 -> 1,901-1,913 (fp32 and batch-16 untouched).
-// AVX2 measured +2-5% there but is tuned on Zen 3, where this is unmeasured: it keeps its 6 x 2 passes.
-constexpr int WIDEN_MIN_M = 64;
+// Widened panels from Tuning::avx512_widen_rows (64; never on Zen 4, see cpu/isa.cpp) rows, on AVX-512. Intel
+// Xeon (AMX machine), 2 threads, gpt2 pp512, alternating: fp16 1,592-1,623 -> 1,761-1,791 tok/s, bf16 at
+// avx512-vnni 1,784 -> 1,901-1,913 (fp32 and batch-16 untouched). AVX2 measured +2-5% there but is tuned on
+// Zen 3, where this is unmeasured: it keeps its 6 x 2 passes.
 
 // Tiles of SR rows x CV vectors, chunks of KCH weight rows (with WIDEN, widened into a float32 panel first).
 template <class WR, int SR, int CV, int KCH, bool WIDEN = false>
@@ -530,9 +530,9 @@ inline void blocked_direct(float* out, const float* inp, const typename WR::T* w
       if (b < b1) blocked_passes<WR, 6, 4>(out, inp, weight, bias, M, K, N, ldi, ldo, b, b1, accumulate);
       return;
     }
-    if (!f32 && M >= WIDEN_MIN_M)
-      return chunked_passes<WR, 6, 4, 128, true>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     const Tuning tune = tuning();
+    if (!f32 && tune.avx512_widen_rows > 0 && M >= tune.avx512_widen_rows)
+      return chunked_passes<WR, 6, 4, 128, true>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
     if (f32 && M >= tune.avx512_fp32_chunk_rows && M <= 48) {
       if (tune.avx512_fp32_chunk_k == 32)
         return chunked_passes<WR, 6, 4, 32>(out, inp, weight, bias, M, K, N, ldi, ldo, b0, b1, accumulate);
