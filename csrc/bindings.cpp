@@ -360,7 +360,8 @@ PYBIND11_MODULE(_core, m) {
     if (!fp32_chunk_rows.is_none()) {
       const int rows = fp32_chunk_rows.cast<int>();
       if (rows < 2 || rows > 32767)
-        throw std::invalid_argument("avx512_fp32_chunk_rows must be at least 2, got " + std::to_string(rows));
+        throw std::invalid_argument("avx512_fp32_chunk_rows must be at least 2 (and at most 32767), got " +
+                                    std::to_string(rows));
       t.avx512_fp32_chunk_rows = static_cast<int16_t>(rows);
     }
     if (!widen_rows.is_none()) {

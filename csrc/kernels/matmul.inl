@@ -418,7 +418,7 @@ inline void widen_rows(float* panel, const typename WR::T* rows, int kc) {
         Vec::store(panel + (r + s) * BLOCK_COLS + j * W, WR::load_row(rows + WR::col(j * W), s, true));
 }
 
-// Widened panels from Tuning::avx512_widen_rows (64; never on Zen 4, see cpu/isa.cpp) rows, on AVX-512. Intel
+// Widened panels on AVX-512, from Tuning::avx512_widen_rows rows (64; never on Zen 4, see cpu/isa.cpp). Intel
 // Xeon (AMX machine), 2 threads, gpt2 pp512, alternating: fp16 1,592-1,623 -> 1,761-1,791 tok/s, bf16 at
 // avx512-vnni 1,784 -> 1,901-1,913 (fp32 and batch-16 untouched). AVX2 measured +2-5% there but is tuned on
 // Zen 3, where this is unmeasured: it keeps its 6 x 2 passes.
