@@ -163,9 +163,14 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
   // tok/s; int8 even within the host's noise (113-139 before, 118-145 with it). AVX-512 does without: on Zen 4
   // (2 threads, caches flushed between calls, alternating processes) the int6 head took 0.87-1.34 ms without
   // it against 1.18-1.83 with it (faster in 7 of 8 rounds), gpt2 int4 decode 260-297 against 255-275 tok/s
-  // (5 of 5); int4 / int8 blocks with it measured even there.
+  // (5 of 5); int4 / int8 blocks with it measured even there. AVX-512 int6 prefetches into L2 instead, 16 KB on
+  // (prefetch_ahead_l2): the head alone, the same way, 0.78-1.18 ms against 1.02-1.52 without (6 of 7 rounds;
+  // into L1 16 KB on 1.36-1.78, 32 KB into L2 0.84-1.24); int4 blocks 0.54-0.65 against 0.54-0.75, int8 even
+  // or slower, so only int6.
   constexpr bool decode_prefetch = ROWS == 1 && L == 8;
+  constexpr bool decode_prefetch_l2 = ROWS == 1 && L == 16 && BITS == 6;
   using matmul_detail::prefetch_ahead;
+  using matmul_detail::prefetch_ahead_l2;
   for (int g = g0; g < g1; ++g) {
     I sum[ROWS][CV];
     for (int i = 0; i < ROWS; ++i)
@@ -200,6 +205,7 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
       };
       for (int t = 0; t < QUADS / 4; ++t, wq += 3 * QUAD_BYTES, xg += 16) {
         if constexpr (decode_prefetch) prefetch_ahead(wq, 3 * QUAD_BYTES);
+        if constexpr (decode_prefetch_l2) prefetch_ahead_l2(wq, 3 * QUAD_BYTES);
         if (prefetch) {
           for (int r = 0; r < 3; ++r) __builtin_prefetch(prefetch + r * prefetch_step, 0, 3);
           prefetch += 3 * prefetch_step;
