@@ -160,7 +160,7 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
   // the start of each row of a block, most of all int6's (three rows per 16 k, 1.6 times int8's instructions a
   // weight: 70% of its samples on the first loads of each 16 k). Measured on AVX2 (Zen 3, 2 threads): int6 LM
   // head alone 50257 x 768: 2.9-3.3 -> 1.2-2.0 ms; gpt2 decode int4 (int6 head, in one build) 126-148 -> 163-189
-  // tok/s; int8 even within the host's noise (113-139 before, 118-145 with it). AVX-512 does without: on Zen 4
+  // tok/s; int8 even within the host's noise (113-139 before, 118-145 with it). AVX-512 does not prefetch into L1: on Zen 4
   // (2 threads, caches flushed between calls, alternating processes) the int6 head took 0.87-1.34 ms without
   // it against 1.18-1.83 with it (faster in 7 of 8 rounds), gpt2 int4 decode 260-297 against 255-275 tok/s
   // (5 of 5); int4 / int8 blocks with it measured even there. AVX-512 int6 prefetches into L2 instead, 16 KB on
