@@ -357,19 +357,17 @@ PYBIND11_MODULE(_core, m) {
                          py::object widen_rows) {
     const Tuning old = tuning();
     Tuning t = old;
-    if (!fp32_chunk_rows.is_none()) {
-      const int rows = fp32_chunk_rows.cast<int>();
-      if (rows < 2 || rows > 32767)
-        throw std::invalid_argument("avx512_fp32_chunk_rows must be at least 2 (and at most 32767), got " +
-                                    std::to_string(rows));
-      t.avx512_fp32_chunk_rows = static_cast<int16_t>(rows);
-    }
-    if (!widen_rows.is_none()) {
-      const int rows = widen_rows.cast<int>();
-      if (rows < 0 || rows > 32767)
-        throw std::invalid_argument("avx512_widen_rows must be 0 (never) or a row count, got " + std::to_string(rows));
-      t.avx512_widen_rows = static_cast<int16_t>(rows);
-    }
+    // A row count from lo to 32767 (the fields are 16-bit); `rule` says what is allowed.
+    auto rows_setting = [](const py::object& o, int lo, const std::string& rule) {
+      const int rows = o.cast<int>();
+      if (rows < lo || rows > 32767) throw std::invalid_argument(rule + ", got " + std::to_string(rows));
+      return static_cast<int16_t>(rows);
+    };
+    if (!fp32_chunk_rows.is_none())
+      t.avx512_fp32_chunk_rows =
+          rows_setting(fp32_chunk_rows, 2, "avx512_fp32_chunk_rows must be at least 2 (and at most 32767)");
+    if (!widen_rows.is_none())
+      t.avx512_widen_rows = rows_setting(widen_rows, 0, "avx512_widen_rows must be 0 (never) or a row count");
     if (!fp32_chunk_k.is_none()) {
       const int k = fp32_chunk_k.cast<int>();
       if (k != 32 && k != 64 && k != 128)

@@ -242,14 +242,12 @@ inline void store_sums(float* out_row, const R* acc, const float* bias, int n0, 
 // (widening 16-bit weights, unpacking int8 / int4 / int6), the hardware prefetcher alone fell behind, and such
 // tiles prefetch the weights DECODE_AHEAD bytes on (2-8 KB measured alike on Zen 3, none 10-30% slower in
 // the int8 / int6 LM head alone). `bytes` from p, a line at a time; a hint only, so it may pass the end.
+// LOCALITY 3 fetches into L1; 2 (prefetcht1) into L2, DECODE_AHEAD_L2 on, where L1 measured slower (qmatmul.inl).
 constexpr int DECODE_AHEAD = 4096;
-inline void prefetch_ahead(const void* p, int bytes) {
-  for (int l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + DECODE_AHEAD + l, 0, 3);
-}
-// The same into L2 (prefetcht1), DECODE_AHEAD_L2 bytes on: where prefetching into L1 measured slower (qmatmul.inl).
 constexpr int DECODE_AHEAD_L2 = 16384;
-inline void prefetch_ahead_l2(const void* p, int bytes) {
-  for (int l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + DECODE_AHEAD_L2 + l, 0, 2);
+template <int AHEAD = DECODE_AHEAD, int LOCALITY = 3>
+inline void prefetch_ahead(const void* p, int bytes) {
+  for (int l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char*>(p) + AHEAD + l, 0, LOCALITY);
 }
 
 // Up to this many rows (decoding steps, batched or not) the threads split a matrix's columns with stealing

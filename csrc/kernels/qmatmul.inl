@@ -160,17 +160,17 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
   // the start of each row of a block, most of all int6's (three rows per 16 k, 1.6 times int8's instructions a
   // weight: 70% of its samples on the first loads of each 16 k). Measured on AVX2 (Zen 3, 2 threads): int6 LM
   // head alone 50257 x 768: 2.9-3.3 -> 1.2-2.0 ms; gpt2 decode int4 (int6 head, in one build) 126-148 -> 163-189
-  // tok/s; int8 even within the host's noise (113-139 before, 118-145 with it). AVX-512 does not prefetch into L1: on Zen 4
-  // (2 threads, caches flushed between calls, alternating processes) the int6 head took 0.87-1.34 ms without
-  // it against 1.18-1.83 with it (faster in 7 of 8 rounds), gpt2 int4 decode 260-297 against 255-275 tok/s
-  // (5 of 5); int4 / int8 blocks with it measured even there. AVX-512 int6 prefetches into L2 instead, 16 KB on
-  // (prefetch_ahead_l2): the head alone, the same way, 0.78-1.18 ms against 1.02-1.52 without (6 of 7 rounds;
+  // tok/s; int8 even within the host's noise (113-139 before, 118-145 with it). AVX-512 does not prefetch into
+  // L1: on Zen 4 (2 threads, caches flushed between calls, alternating processes) the int6 head took 0.87-1.34 ms
+  // without it against 1.18-1.83 with it (faster in 7 of 8 rounds), gpt2 int4 decode 260-297 against 255-275
+  // tok/s (5 of 5); int4 / int8 blocks with it measured even there. AVX-512 int6 prefetches into L2 instead,
+  // 16 KB on (DECODE_AHEAD_L2): the head alone, the same way, 0.78-1.18 ms against 1.02-1.52 without (6 of 7 rounds;
   // into L1 16 KB on 1.36-1.78, 32 KB into L2 0.84-1.24); int4 blocks 0.54-0.65 against 0.54-0.75, int8 even
   // or slower, so only int6.
   constexpr bool decode_prefetch = ROWS == 1 && L == 8;
   constexpr bool decode_prefetch_l2 = ROWS == 1 && L == 16 && BITS == 6;
   using matmul_detail::prefetch_ahead;
-  using matmul_detail::prefetch_ahead_l2;
+  using matmul_detail::DECODE_AHEAD_L2;
   for (int g = g0; g < g1; ++g) {
     I sum[ROWS][CV];
     for (int i = 0; i < ROWS; ++i)
@@ -205,7 +205,7 @@ inline void q8_tile(float* out, int ldo, QRows x, const int8_t* wblock, const ui
       };
       for (int t = 0; t < QUADS / 4; ++t, wq += 3 * QUAD_BYTES, xg += 16) {
         if constexpr (decode_prefetch) prefetch_ahead(wq, 3 * QUAD_BYTES);
-        if constexpr (decode_prefetch_l2) prefetch_ahead_l2(wq, 3 * QUAD_BYTES);
+        if constexpr (decode_prefetch_l2) prefetch_ahead<DECODE_AHEAD_L2, 2>(wq, 3 * QUAD_BYTES);
         if (prefetch) {
           for (int r = 0; r < 3; ++r) __builtin_prefetch(prefetch + r * prefetch_step, 0, 3);
           prefetch += 3 * prefetch_step;
