@@ -499,8 +499,12 @@ def test_fp16_kv_cache_overflow_is_an_error(tmp_path):
         m.transformer.h[1].attn.c_attn.bias[32:40] = 1e5  # some keys of layer 1
     path = save(m, tmp_path / "big-keys")
     model = gptcpp.GPT2.from_pretrained(path, dtype="fp16")
-    with pytest.raises(OverflowError, match="layer 1 .*beyond float16's range.*kv_cache_dtype='fp32'"):
-        model.logits([1, 2, 3])
+    # A prompt's keys are written before its attention, a decoding step's (a few rows) inside it: both checked.
+    for ids in ([1, 2, 3], list(range(1, 20))):
+        with pytest.raises(OverflowError, match="layer 1 .*beyond float16's range.*kv_cache_dtype='fp32'"):
+            model.logits(ids)
+    with pytest.raises(OverflowError, match="layer 1 .*beyond float16's range"):
+        model.forward(model.new_cache(4), [5])
     ok = gptcpp.GPT2.from_pretrained(path, dtype="fp16", kv_cache_dtype="fp32").logits([1, 2, 3])
     assert np.isfinite(ok).all()
 

@@ -282,16 +282,25 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
       }
       return kv_max;
     };
+    // A decoding step's units are one per (sequence, head), task order: each writes its own keys and values
+    // just before its attention, inside the attention's team. Written here, in the calling thread, they took
+    // 140 us of a 7.4 ms gpt2 int4 token (Zen 3, 2 threads: a scattered store per key element, each a miss
+    // while the other thread waits); in the team, keys, values and attention 470 -> 380 us a token.
     float kv_max = 0.0f;
-    if (M * C > 65536) {
+    auto check_kv = [&] {
+      if (half && !(kv_max < 65520.0f))
+        throw std::overflow_error("a key or value of layer " + std::to_string(l) + " is " + std::to_string(kv_max) +
+                                  ", beyond float16's range (65504): use kv_cache_dtype='fp32' for this model");
+    };
+    if (!decoding) {
+      if (M * C > 65536) {
 #pragma omp parallel for schedule(static) reduction(max : kv_max)
-      for (int task = 0; task < n_kv; ++task) kv_max = std::max(kv_max, write_kv(task));
-    } else {  // outside the OpenMP runtime: see cpu/parallel.h
-      for (int task = 0; task < n_kv; ++task) kv_max = std::max(kv_max, write_kv(task));
+        for (int task = 0; task < n_kv; ++task) kv_max = std::max(kv_max, write_kv(task));
+      } else {  // outside the OpenMP runtime: see cpu/parallel.h
+        for (int task = 0; task < n_kv; ++task) kv_max = std::max(kv_max, write_kv(task));
+      }
+      check_kv();
     }
-    if (half && !(kv_max < 65520.0f))
-      throw std::overflow_error("a key or value of layer " + std::to_string(l) + " is " + std::to_string(kv_max) +
-                                ", beyond float16's range (65504): use kv_cache_dtype='fp32' for this model");
     float scale = c.scale_attn_weights ? 1.0f / std::sqrt(static_cast<float>(hd)) : 1.0f;
     if (c.scale_attn_by_inverse_layer_idx) scale /= static_cast<float>(l + 1);
     auto run_unit = [&](int u) {
@@ -312,13 +321,18 @@ void GPT2Model::forward(const std::vector<ForwardItem>& items, float* logits, fl
                      // prefetching the unit after the one it runs, usually its next
       StealingRanges ranges(n_units, 2);
       parallel_region_if(n_units > 1, [&](int t, int nt) {
+        float thread_kv_max = 0.0f;
         ranges.run(t, nt, [&](int64_t u0, int64_t u1) {
           for (int64_t u = u0; u < u1; ++u) {
             if (u + 1 < n_units) prefetch_unit(units[u + 1], l);
+            thread_kv_max = std::max(thread_kv_max, write_kv(static_cast<int>(u)));  // unit u is task u
             run_unit(static_cast<int>(u));
           }
         });
+#pragma omp critical(gptcpp_kv_max)
+        kv_max = std::max(kv_max, thread_kv_max);
       });
+      check_kv();  // (a throw inside the team would end the process)
     } else {  // a prompt's chunks cost more the later they sit: taken as threads come free
 #pragma omp parallel for schedule(dynamic, 1) if (n_units > 1)
       for (int u = 0; u < n_units; ++u) run_unit(u);
