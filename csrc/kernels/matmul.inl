@@ -58,8 +58,9 @@ struct BF16PairW {
   // exact: odd rows masked out of the pair register as loaded, which never reads past it: the block's last stored
   // row must (AVX2's odd rows otherwise load again 2 bytes on, keeping a register free for a 6 x 2 tile), and
   // AVX2 one-row (decoding) tiles do, with registers to spare: the load 2 bytes on crosses a cache line every
-  // other time (AVX-512's odd rows are always masked). Zen 3, 2 threads, one row against a 768 x 131072 matrix from memory: bf16 at 0.76-0.79 of fp16's
-  // GB/s before, 0.90-0.98 after; gpt2 bf16 decode +1-11% (old and new alternating, ahead in 4 of 4 rounds).
+  // other time (AVX-512's odd rows are always masked). Zen 3, 2 threads, one row against a 768 x 131072 matrix
+  // from memory: bf16 at 0.76-0.79 of fp16's GB/s before, 0.90-0.98 after; gpt2 bf16 decode +1-11% (old and
+  // new alternating, ahead in 4 of 4 rounds).
   static R load_row(const T* p, int s, bool exact) {
     return s == 0 ? Vec::load_bf16_even(p) : exact ? Vec::load_bf16_odd(p) : Vec::load_bf16_odd_within(p);
   }
